@@ -1,0 +1,17 @@
+"""Training stages. `get_task(config)` builds the task named by `config.task`."""
+from __future__ import annotations
+
+import importlib
+
+# task name -> (module, class); imported lazily so a stage only pulls in what it needs.
+TASKS = {
+    "svae": ("psvae_jax.tasks.svae", "SVAETask"),
+}
+
+
+def get_task(config):
+  """Instantiates the task for `config.task`; unknown names are an error listing known ones."""
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r} is not a known task; known: {sorted(TASKS)}")
+  module_name, class_name = TASKS[config.task]
+  return getattr(importlib.import_module(module_name), class_name)(config)

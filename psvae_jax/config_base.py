@@ -1,0 +1,105 @@
+"""The keys every stage shares, and the checks applied to a resolved config.
+
+Stage configs in configs/ call `base_config(task=...)`, fill in their task-specific `model` and
+`loss` sections, and return the result locked: `--config.x.y=v` overrides then work for every
+existing key and an unknown key is an error naming it.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+from psvae_jax.data.config import default_data_config
+
+
+class ConfigError(ValueError):
+  """A config value is missing, of the wrong type or inconsistent."""
+
+
+def base_config(task: str) -> ml_collections.ConfigDict:
+  """Shared keys (DESIGN.md section 6) with their defaults."""
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 96  # global, across all processes
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.eval_every = 1000
+  c.sample_every = 0  # 0 = only at the end (tasks without sampling ignore it)
+  c.eval_batches = 4
+  c.data = default_data_config()
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # Pretrained weights this stage starts from (a converted-weights dir or a previous stage's
+  # workdir/checkpoint); only used when there is nothing to resume.
+  c.init = ""
+  # Another run's workdir (or checkpoints dir) to continue exactly (state, EMA, data position).
+  c.resume = ""
+  c.compute_dtype = "float32"  # or "bfloat16": params and optimizer state stay float32
+  c.attention_impl = "xla"  # 'xla' | 'cudnn' | 'splash'
+  c.nonfinite = "raise"  # 'raise' | 'skip': what a non-finite loss or gradient norm does
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.warmup_steps = 0
+  c.optim.schedule = "constant"  # 'constant' | 'cosine'
+  c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
+  # Parameters whose dotted path matches this regex (re.search) are frozen: no gradients, no
+  # optimizer state, no EMA. Tasks add their own (e.g. the S-VAE's encoder); '' = none extra.
+  c.optim.frozen = ""
+  # Per-group learning-rate multipliers: "regex=mult,regex=mult" (first match wins).
+  c.optim.lr_multipliers = ""
+  c.optim.ema_decay = 0.0  # 0 disables EMA
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.keep = 3  # newest N kept
+  c.checkpoint.keep_every = 0  # also keep every K-th step forever (0 = none)
+  c.checkpoint.async_save = True
+
+  c.logging = ml_collections.ConfigDict()
+  # Peak FLOP/s of one device for MFU; 0 = look up a table by device kind (CPU: measured).
+  c.logging.peak_flops_per_device = 0.0
+  c.logging.tensorboard = True
+  return c
+
+
+_CHOICES = {
+    "compute_dtype": ("float32", "bfloat16"),
+    "attention_impl": ("xla", "cudnn", "splash"),
+    "nonfinite": ("raise", "skip"),
+    "optim.schedule": ("constant", "cosine"),
+}
+
+
+def _get(config, dotted: str) -> Any:
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that a type system cannot; raises ConfigError naming the key."""
+  for key, choices in _CHOICES.items():
+    value = _get(config, key)
+    if value not in choices:
+      raise ConfigError(f"config.{key}={value!r}: expected one of {choices}")
+  for key in ("total_steps", "batch_size", "log_every"):
+    if _get(config, key) <= 0:
+      raise ConfigError(f"config.{key}={_get(config, key)} must be positive")
+  for key in ("checkpoint_every", "eval_every", "sample_every"):
+    if _get(config, key) < 0:
+      raise ConfigError(f"config.{key}={_get(config, key)} must be >= 0 (0 disables)")
+  if not 0.0 <= config.optim.ema_decay < 1.0:
+    raise ConfigError(f"config.optim.ema_decay={config.optim.ema_decay} must be in [0, 1)")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as JSON (what is written to WORKDIR/config.json)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,42 @@
+"""Multi-host start-up: `jax.distributed.initialize` from flags or the cluster environment."""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+
+def _cluster_detected() -> bool:
+  """True on environments jax can auto-configure: multi-host TPU VMs, SLURM, Open MPI."""
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return True
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return len([h for h in hosts.split(",") if h]) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+
+
+def initialize(coordinator_address: str | None, num_processes: int | None,
+               process_id: int | None) -> None:
+  """Joins the multi-process runtime.
+
+  Explicit flags win; without them, a detected cluster (TPU pod, SLURM, MPI) is auto-configured;
+  otherwise this is a single-process run and nothing is done.
+  """
+  explicit = [coordinator_address, num_processes, process_id]
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise ValueError("--coordinator_address, --num_processes and --process_id must be given "
+                       f"together (got {coordinator_address!r}, {num_processes!r}, "
+                       f"{process_id!r})")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"--process_id={process_id} must be in [0, {num_processes})")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  elif _cluster_detected():
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("process %d of %d; %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

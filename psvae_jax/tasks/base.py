@@ -1,0 +1,72 @@
+"""The contract between a training stage (task) and the one shared training loop.
+
+A task owns its model, losses, evaluation and sampling; the loop (psvae_jax/train.py) owns
+sharding, optimisation, EMA, checkpoints, logging and the data iterator.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+
+class Task:
+  """Base class of a stage. Subclasses override the methods below.
+
+  Everything passed to `loss` and `evaluate` runs inside `jax.jit`: it must be traceable and
+  free of host callbacks.
+  """
+
+  #: Regex (re.search on dotted parameter paths) of parameters the task always freezes.
+  frozen_params: str = ""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  # --- model -----------------------------------------------------------------------------
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the full model (trainable and frozen parts). Called under `jax.eval_shape` and
+    again inside a jitted, sharded init."""
+    raise NotImplementedError
+
+  def load_init(self, params: nnx.State, path: str) -> nnx.State:
+    """Returns `params` (all nnx.Param of the model, sharded) with pretrained weights from
+    `path` (`config.init`) filled in. Must raise on anything it cannot load."""
+    raise NotImplementedError(f"task {type(self).__name__} does not support config.init")
+
+  def check_fresh_start(self) -> None:
+    """Called when the run starts from scratch (no checkpoint, no config.init); a task that
+    must not train from random weights raises a ConfigError saying what to set."""
+
+  # --- data ------------------------------------------------------------------------------
+  def prepare_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Host-side conversion of a data batch into the numeric arrays the step consumes
+    (e.g. tokenising captions). Default: keep numeric arrays, drop strings."""
+    return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind not in "OUS"}
+
+  # --- training --------------------------------------------------------------------------
+  def loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array,
+           step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar loss to minimise w.r.t. trainable params and a dict of scalar metrics."""
+    raise NotImplementedError
+
+  def evaluate(self, model: nnx.Module, batch: Mapping[str, jax.Array],
+               rng: jax.Array) -> dict[str, jax.Array]:
+    """Scalar metrics on one held-out batch (averaged over batches by the loop)."""
+    return {}
+
+  def sample(self, model: nnx.Module, rng: jax.Array, eval_batch: Mapping[str, np.ndarray],
+             step: int) -> dict[str, np.ndarray]:
+    """Images to log: name -> uint8 (N, H, W, 3). Runs outside the step's jit."""
+    return {}
+
+  def flops_per_example(self) -> float:
+    """Analytic training FLOPs per example (forward + backward), for TFLOP/s and MFU."""
+    return 0.0
+
+  def checkpoint_extras(self, model: nnx.Module) -> dict[str, Any]:
+    """JSON-serialisable extras saved with each checkpoint (e.g. latent statistics)."""
+    return {}

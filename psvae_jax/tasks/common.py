@@ -1,0 +1,111 @@
+"""Pieces shared by the autoencoder stages (S-VAE, PS-VAE): encoder, semantic VAE, features,
+pretrained-encoder loading and FLOP counts."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from psvae_jax import checkpoint as ckpt_lib
+from psvae_jax.config_base import ConfigError
+from psvae_jax.models import encoders
+from psvae_jax.models.svae import SemanticVAE
+
+
+def compute_dtype(config):
+  return jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+
+
+def encoder_config(model_config) -> encoders.EncoderConfig:
+  if model_config.encoder not in encoders.PRESETS:
+    raise ConfigError(f"config.model.encoder={model_config.encoder!r} is not a known encoder "
+                      f"preset; known: {sorted(encoders.PRESETS)}")
+  return encoders.PRESETS[model_config.encoder]
+
+
+def build_representation_encoder(model_config, *, dtype, attention_impl, rngs):
+  """The representation encoder named by `model_config.encoder` (random init)."""
+  return encoders.build_encoder(encoder_config(model_config), rngs=rngs, dtype=dtype,
+                                attention_impl=attention_impl,
+                                scan_layers=model_config.scan_layers, remat=model_config.remat)
+
+
+def build_semantic_vae(model_config, encoder, *, dtype, attention_impl, rngs) -> SemanticVAE:
+  """E_s / D_s with blocks of the encoder's shape (so they can be copied from it)."""
+  c = encoder.config
+  return SemanticVAE(c.width, c.num_heads, c.mlp_dim, model_config.svae_depth,
+                     model_config.latent_channels, layer_scale_init=c.layer_scale_init,
+                     norm_eps=c.norm_eps, scan_layers=model_config.scan_layers,
+                     remat=model_config.remat, attention_impl=attention_impl, dtype=dtype,
+                     rngs=rngs)
+
+
+def encoder_features(encoder, images, model_config) -> jax.Array:
+  """RAE features (B, h, w, width) of uint8 NHWC images, in float32."""
+  pixels = encoders.preprocess_pixels(images, size=model_config.encoder_resolution,
+                                      mean=encoder.image_mean, std=encoder.image_std)
+  return encoders.rae_features(encoder, pixels.astype(encoder.dtype))
+
+
+def _abstract_pure(state: nnx.State):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      state.to_pure_dict())
+
+
+def load_encoder_init(params: nnx.State, path: str, *, prefix: str) -> nnx.State:
+  """Fills params[prefix] from a converted-weights directory (`psvae_jax.tools.convert`)."""
+  port_config = os.path.join(path, "port_config.json")
+  if not os.path.isfile(port_config):
+    raise ckpt_lib.CheckpointError(
+        f"config.init={path!r}: not a converted-weights directory (no port_config.json). Convert "
+        "a transformers checkpoint once with `python -m psvae_jax.tools.convert --src=... "
+        "--out=DIR` and pass DIR.")
+  with open(port_config) as f:
+    meta = json.load(f)
+  target = params[prefix]
+  restored = ckpt_lib.restore_tree(os.path.join(path, "params"), _abstract_pure(target),
+                                   what=f"{prefix} ({meta.get('model_type', '?')})")
+  nnx.replace_by_pure_dict(target, restored)
+  return params
+
+
+def copy_encoder_blocks_into_svae(params: nnx.State, depth: int) -> nnx.State:
+  """Initialises E_s and D_s blocks from the encoder's last `depth` blocks (unscanned only)."""
+  enc_blocks = params["encoder"]["blocks"]["blocks"]
+  if not isinstance(enc_blocks, nnx.State) or 0 not in enc_blocks:
+    raise ConfigError("config.model.init_from_encoder needs config.model.scan_layers=False")
+  n = len(enc_blocks)
+  for name in ("enc_blocks", "dec_blocks"):
+    for j in range(depth):
+      src = enc_blocks[n - depth + j]
+      dst = params["svae"][name]["blocks"][j]
+      nnx.replace_by_pure_dict(dst, jax.tree.map(jnp.copy, src.to_pure_dict()))
+  return params
+
+
+def vit_forward_flops(width: int, depth: int, mlp_dim: int, tokens: int, *,
+                      gated: bool = False) -> float:
+  """Matmul FLOPs of `depth` pre-norm transformer blocks on `tokens` tokens (one example)."""
+  mlp_mats = 3 if gated else 2
+  per_layer = 2 * tokens * (4 * width * width + mlp_mats * width * mlp_dim)
+  per_layer += 2 * 2 * tokens * tokens * width  # q k^T and attn v
+  return float(depth * per_layer)
+
+
+def svae_train_flops(model_config) -> float:
+  """Frozen encoder forward + semantic VAE forward and backward (3x forward), per example."""
+  c = encoder_config(model_config)
+  grid = model_config.encoder_resolution // c.patch_size
+  tokens = grid * grid
+  gated = c.mlp_type == "swiglu"
+  encoder = vit_forward_flops(c.width, c.depth, c.mlp_dim, tokens + c.num_prefix_tokens,
+                              gated=gated)
+  encoder += 2 * tokens * c.patch_size**2 * c.num_channels * c.width
+  blocks = 2 * vit_forward_flops(c.width, model_config.svae_depth, c.mlp_dim, tokens, gated=gated)
+  c_lat = model_config.latent_channels
+  projections = 2 * tokens * (c.width * c.width + c.width * 2 * c_lat  # E_s MLP
+                              + c_lat * c.width + c.width * c.width)  # D_s MLP
+  return encoder + 3 * (blocks + projections)

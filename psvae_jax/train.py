@@ -1,0 +1,349 @@
+"""The one training loop every stage runs through.
+
+Mesh from config -> abstract model (`jax.eval_shape`) -> shardings from logical axes -> resume
+(workdir, then config.resume, then config.init, then scratch) -> a single jitted, donated step
+per batch -> periodic logging, eval, sampling and async Orbax checkpoints; SIGTERM saves first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from psvae_jax import checkpoint as ckpt_lib
+from psvae_jax import config_base, perf, sharding
+from psvae_jax import train_state as ts
+from psvae_jax.metrics_log import RunLogger
+from psvae_jax.optim import ema_update, learning_rate_schedule
+from psvae_jax.tasks import get_task
+from psvae_jax.tasks.base import Task
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or gradient norm became NaN/Inf (config.nonfinite='raise')."""
+
+
+class Preempted(SystemExit):
+  """Raised after a SIGTERM-triggered checkpoint was written; exit code 143 (128 + SIGTERM)."""
+
+  def __init__(self, step: int):
+    super().__init__(143)
+    self.step = step
+
+
+# --- the step ------------------------------------------------------------------------------
+
+def make_train_step(task: Task, layout: ts.Layout, config) -> Callable:
+  """Pure `(state, ema, batch) -> (state, ema, metrics)`; non-finite updates are never applied.
+
+  A non-finite loss or gradient norm leaves params, optimizer state and EMA unchanged and
+  records the step in `state['nonfinite_step']` (first occurrence) and `state['skipped']`;
+  the host raises (config.nonfinite='raise') at the next sync point, or carries on ('skip').
+  """
+  base_key = jax.random.key(config.seed)
+  ema_decay = float(config.optim.ema_decay)
+  skip_mode = config.nonfinite == "skip"
+  schedule = learning_rate_schedule(config.optim, config.total_steps)
+
+  def step_fn(state, ema, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(base_key, step)
+
+    def loss_fn(params):
+      model = layout.merge(params, state["frozen"], state["other"])
+      loss, metrics = task.loss(model, batch, rng, step)
+      other = nnx.split(model, *layout.filters)[3]
+      return loss, (metrics, other)
+
+    (loss, (metrics, other)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = layout.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # In raise mode nothing is applied after the first non-finite step, so the state the host
+    # inspects (and would checkpoint) is the last good one.
+    apply = finite if skip_mode else finite & (state["nonfinite_step"] < 0)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+    new_state = {
+        "step": step + 1,
+        "params": keep(params, state["params"]),
+        "frozen": state["frozen"],
+        "other": keep(other, state["other"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "nonfinite_step": jnp.where(~finite & (state["nonfinite_step"] < 0), step,
+                                    state["nonfinite_step"]),
+        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+    }
+    if ema is not None:
+      ema = keep(ema_update(ema, new_state["params"], ema_decay), ema)
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(step)}
+    return new_state, ema, metrics
+
+  return step_fn
+
+
+def make_eval_step(task: Task, layout: ts.Layout, config) -> Callable:
+  """Pure `(state, ema, batch) -> metrics`, evaluating the EMA weights when they exist."""
+  eval_key = jax.random.fold_in(jax.random.key(config.seed), 0x7FFFFFFF)
+
+  def eval_fn(state, ema, batch):
+    params = ema if ema is not None else state["params"]
+    model = layout.merge(params, state["frozen"], state["other"])
+    return task.evaluate(model, batch, eval_key)
+
+  return eval_fn
+
+
+def eval_model(layout: ts.Layout, state, ema) -> nnx.Module:
+  """The model with EMA params (if any), for sampling outside the step."""
+  params = ema if ema is not None else state["params"]
+  return layout.merge(params, state["frozen"], state["other"])
+
+
+# --- preemption ----------------------------------------------------------------------------
+
+class PreemptionWatch:
+  """SIGTERM -> flag. Multi-process runs agree on the step through Orbax's preemption sync."""
+
+  def __init__(self):
+    self.flag = threading.Event()
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
+    self.flag.set()
+
+  def reached(self, manager, step: int) -> bool:
+    if jax.process_count() > 1:
+      return bool(manager.reached_preemption(step)) or False
+    return self.flag.is_set()
+
+  def restore_handler(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# --- resume --------------------------------------------------------------------------------
+
+def restore_or_init(task: Task, config, layout: ts.Layout, checkpointer: ckpt_lib.Checkpointer,
+                    data_iterator) -> tuple[dict, Any, str]:
+  """Resume order: this workdir's latest checkpoint, config.resume, config.init, scratch."""
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    restored = checkpointer.restore(latest, abstract_state=layout.abstract_state,
+                                    abstract_ema=layout.abstract_ema, data_iterator=data_iterator)
+    ckpt_lib.log_restore(checkpointer.directory, latest)
+    return restored["state"], restored.get("ema"), f"workdir step {latest}"
+  if config.resume:
+    directory = ckpt_lib.resolve_checkpoint_dir(config.resume)
+    other = ckpt_lib.Checkpointer(directory, create=False, async_save=False)
+    step = other.latest_step()
+    if step is None:
+      raise ckpt_lib.CheckpointError(
+          f"config.resume={config.resume!r}: no complete checkpoint under {directory}")
+    restored = other.restore(step, abstract_state=layout.abstract_state,
+                             abstract_ema=layout.abstract_ema, data_iterator=data_iterator)
+    other.close()
+    ckpt_lib.log_restore(directory, step)
+    return restored["state"], restored.get("ema"), f"resume {config.resume} step {step}"
+  if not config.init:
+    task.check_fresh_start()
+  state = ts.init_state(task, config, layout)
+  source = "scratch"
+  if config.init:
+    merged = task.load_init(ts.all_params(state), config.init)
+    state["params"], state["frozen"] = ts.split_params(layout, merged)
+    source = f"init {config.init}"
+  return state, ts.init_ema(state, layout), source
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+def _check_batch_divisibility(config, mesh) -> None:
+  dp = sharding.data_parallel_size(mesh)
+  if config.batch_size % dp:
+    raise config_base.ConfigError(
+        f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
+        f"{dp} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
+  if config.batch_size % jax.process_count():
+    raise config_base.ConfigError(
+        f"config.batch_size={config.batch_size} is not divisible by the process count "
+        f"{jax.process_count()}")
+
+
+def _mean_metrics(pending: list[dict]) -> dict[str, float]:
+  host = jax.device_get(pending)
+  keys = host[0].keys()
+  return {k: float(np.mean([np.asarray(m[k], np.float64) for m in host])) for k in keys}
+
+
+def _raise_if_nonfinite(state, config) -> None:
+  if config.nonfinite != "raise":
+    return
+  bad = int(jax.device_get(state["nonfinite_step"]))
+  if bad >= 0:
+    raise NonFiniteError(
+        f"non-finite loss or gradient norm at step {bad}; the update was not applied and no "
+        "checkpoint holds it (set config.nonfinite='skip' to skip such steps)")
+
+
+def write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_base.to_json(config))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          devices: list | None = None) -> dict[str, Any]:
+  """Runs (or resumes) one stage to `config.total_steps`; returns a summary of the run."""
+  from psvae_jax import data as data_lib
+
+  config_base.validate(config)
+  task = get_task(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  _check_batch_divisibility(config, mesh)
+  write_config(config, workdir)
+  logger = RunLogger(workdir, tensorboard=config.logging.tensorboard)
+  checkpointer = ckpt_lib.Checkpointer(
+      ckpt_lib.checkpoint_dir(workdir), keep=config.checkpoint.keep,
+      keep_every=config.checkpoint.keep_every, async_save=config.checkpoint.async_save)
+  watch = PreemptionWatch()
+  peak = perf.peak_flops_per_device(config.logging.peak_flops_per_device, config.compute_dtype)
+  summary: dict[str, Any] = {"workdir": workdir}
+  try:
+    with jax.set_mesh(mesh):
+      layout = ts.make_layout(task, config, mesh)
+      data_iterator = data_lib.make_train_iterator(
+          config.data, global_batch_size=config.batch_size, seed=config.seed,
+          process_index=jax.process_index(), process_count=jax.process_count())
+      state, ema, source = restore_or_init(task, config, layout, checkpointer, data_iterator)
+      start = int(jax.device_get(state["step"]))
+      summary.update(start_step=start, source=source,
+                     trainable_params=ts.num_params(state["params"]),
+                     frozen_params=ts.num_params(state["frozen"]))
+      logging.info("start at step %d (%s); %d trainable / %d frozen params on mesh %s", start,
+                   source, summary["trainable_params"], summary["frozen_params"],
+                   dict(mesh.shape))
+      if start >= config.total_steps:
+        logging.info("already at total_steps=%d: nothing to do", config.total_steps)
+        summary["final_step"] = start
+        return summary
+      summary.update(_run_steps(task, config, workdir, layout, mesh, state, ema, start,
+                                data_iterator, checkpointer, logger, watch, peak))
+      return summary
+  finally:
+    watch.restore_handler()
+    checkpointer.close()
+    logger.close()
+
+
+def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iterator,
+               checkpointer, logger, watch, peak) -> dict[str, Any]:
+  from psvae_jax import data as data_lib
+
+  step_fn = jax.jit(make_train_step(task, layout, config),
+                    in_shardings=(layout.state_shardings, layout.ema_shardings, None),
+                    out_shardings=(layout.state_shardings, layout.ema_shardings, None),
+                    donate_argnums=(0, 1))
+  eval_fn = jax.jit(make_eval_step(task, layout, config))
+  eval_batches = None
+  if config.eval_every or config.sample_every >= 0:
+    eval_batches = data_lib.make_eval_batches(
+        config.data, batch_size=config.batch_size, num_batches=max(config.eval_batches, 1),
+        seed=config.seed)
+  flops_per_example = task.flops_per_example()
+  config_json = config_base.to_json(config)
+
+  def save(step: int, force: bool = False) -> None:
+    _raise_if_nonfinite(state, config)
+    extras = task.checkpoint_extras(eval_model(layout, state, ema))
+    checkpointer.save(step, state=state, ema=ema, data_iterator=data_iterator,
+                      config_json=config_json, extras=extras, force=force)
+
+  def run_eval(step: int) -> dict[str, float]:
+    results = [eval_fn(state, ema, sharding.host_local_to_global(
+        task.prepare_batch(_local_slice(b)), mesh)) for b in eval_batches]
+    if not results or not results[0]:
+      return {}
+    scalars = {f"eval/{k}": v for k, v in _mean_metrics(results).items()}
+    logger.scalars(step, scalars)
+    return scalars
+
+  def run_sample(step: int) -> None:
+    images = task.sample(eval_model(layout, state, ema), jax.random.key(config.seed + step),
+                         eval_batches[0], step)
+    logger.images(step, images)
+
+  pending: list[dict] = []
+  last_logged: dict[str, float] = {}
+  last_eval: dict[str, float] = {}
+  t_log, steps_since_log = time.perf_counter(), 0
+  step = start
+  for step in range(start, config.total_steps):
+    host_batch = task.prepare_batch(next(data_iterator))
+    batch = sharding.host_local_to_global(host_batch, mesh)
+    state, ema, metrics = step_fn(state, ema, batch)
+    pending.append(metrics)
+    steps_since_log += 1
+    done = step + 1
+    is_last = done == config.total_steps
+    if done % config.log_every == 0 or is_last:
+      scalars = _mean_metrics(pending)
+      pending.clear()
+      _raise_if_nonfinite(state, config)
+      now = time.perf_counter()
+      scalars.update(perf.throughput(steps=steps_since_log, seconds=now - t_log,
+                                     batch_size=config.batch_size,
+                                     flops_per_example=flops_per_example, peak_per_device=peak))
+      scalars["skipped_steps"] = float(jax.device_get(state["skipped"]))
+      scalars.update(_data_stats(data_lib))
+      scalars["progress/eta_s"] = (config.total_steps - done) / max(
+          scalars["perf/steps_per_s"], 1e-9)
+      logger.scalars(done, scalars)
+      last_logged = scalars
+      t_log, steps_since_log = time.perf_counter(), 0
+    if config.eval_every and (done % config.eval_every == 0 or is_last):
+      last_eval = run_eval(done)
+    if (config.sample_every and done % config.sample_every == 0) or is_last:
+      run_sample(done)
+    if (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last:
+      save(done)
+    if watch.reached(checkpointer.manager, done):
+      save(done, force=True)
+      checkpointer.wait()
+      raise Preempted(done)
+  checkpointer.wait()
+  return {"final_step": step + 1, "last_metrics": last_logged, "last_eval": last_eval}
+
+
+def _local_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's rows of a global eval batch (eval batches are built identically everywhere)."""
+  n, count, index = None, jax.process_count(), jax.process_index()
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    n = v.shape[0] // count
+    out[k] = v[index * n:(index + 1) * n]
+  return out
+
+
+def _data_stats(data_lib) -> dict[str, float]:
+  stats = getattr(data_lib, "stats", None)
+  if stats is None:
+    return {}
+  values = stats()
+  return {f"data/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))}
