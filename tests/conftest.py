@@ -19,3 +19,32 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: heavier tests, run with `-m slow`")
+
+
+def tiny_svae_config(**overrides):
+  """The S-VAE smoke preset shrunk further so a step compiles and runs in seconds."""
+  from psvae_jax.config_loader import load_config
+
+  config = load_config("configs/svae.py:smoke")
+  config.model.encoder_resolution = 56  # 4x4 tokens of the tiny encoder
+  config.model.svae_depth = 1
+  config.model.latent_channels = 8
+  config.data.image_size = 32
+  config.data.synthetic_size = 512
+  config.batch_size = 8
+  config.total_steps = 4
+  config.log_every = 2
+  config.eval_every = 0
+  config.eval_batches = 1
+  config.checkpoint_every = 2
+  config.logging.tensorboard = False
+  config.logging.peak_flops_per_device = 1e12
+  for key, value in overrides.items():
+    from psvae_jax.config_loader import set_by_path
+    set_by_path(config, key, value)
+  return config
+
+
+@pytest.fixture
+def svae_config():
+  return tiny_svae_config
