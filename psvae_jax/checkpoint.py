@@ -35,11 +35,31 @@ def _abs(path: str) -> str:
   return path if _is_gcs(path) else os.path.abspath(path)
 
 
+_HANDLER_CONFIGURED = False
+
+
+def _configure_array_handler() -> None:
+  """On CPU, write replicated arrays from one replica.
+
+  Orbax's replica-parallel writes slice every replicated array per device with a jitted slice
+  per (shape, device): on simulated CPU devices those compiles cost far more than the write.
+  Accelerators keep the default (parallel writes across replicas).
+  """
+  global _HANDLER_CONFIGURED
+  if _HANDLER_CONFIGURED:
+    return
+  _HANDLER_CONFIGURED = True
+  if jax.default_backend() == "cpu":
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
   """The run's CheckpointManager with the project's items and retention policy."""
 
   def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0,
                async_save: bool = True, create: bool = True):
+    _configure_array_handler()
     self.directory = _abs(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None,
@@ -112,9 +132,37 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError, OSError, FileNotFoundError) as e:
+      details = []
+      for name, target in (("state", abstract_state), ("ema", abstract_ema)):
+        if target is not None:
+          details += tree_mismatches(os.path.join(self.directory, str(step), name), target, name)
+      hint = ("\n  " + "\n  ".join(details[:30])) if details else ""
       raise CheckpointError(f"cannot restore {self.directory}/{step}: "
-                            f"{type(e).__name__}: {e}") from e
+                            f"{type(e).__name__}: {e}{hint}") from e
     return {k: restored[k] for k in items}
+
+
+def _key_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def tree_mismatches(item_dir: str, abstract_tree, label: str) -> list[str]:
+  """Human-readable differences between a stored PyTree item and the tree a run expects:
+  entries missing from the checkpoint, entries the model does not have, and shape changes."""
+  try:
+    stored = ocp.StandardCheckpointer().metadata(item_dir).item_metadata
+  except (ValueError, OSError, FileNotFoundError) as e:
+    return [f"{label}: metadata unreadable ({e})"]
+  shapes = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]:
+    shapes[".".join(_key_names(path))] = tuple(getattr(leaf, "shape", ()) or ())
+  wanted = {".".join(_key_names(path)): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]}
+  out = [f"{label}: {name}: checkpoint {shapes[name]} vs model {shape}"
+         for name, shape in wanted.items() if name in shapes and shapes[name] != shape]
+  out += [f"{label}: missing in checkpoint: {name}" for name in wanted if name not in shapes]
+  out += [f"{label}: not in the model: {name}" for name in shapes if name not in wanted]
+  return sorted(out, key=lambda line: ("opt_state" in line, line))  # parameters first
 
 
 def read_config(directory: str, step: int | None = None) -> dict:

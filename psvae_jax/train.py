@@ -310,7 +310,7 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
                                      batch_size=config.batch_size,
                                      flops_per_example=flops_per_example, peak_per_device=peak))
       scalars["skipped_steps"] = float(jax.device_get(state["skipped"]))
-      scalars.update(_data_stats(data_lib))
+      scalars.update(_data_stats(data_iterator))
       scalars["progress/eta_s"] = (config.total_steps - done) / max(
           scalars["perf/steps_per_s"], 1e-9)
       logger.scalars(done, scalars)
@@ -341,8 +341,9 @@ def _local_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def _data_stats(data_lib) -> dict[str, float]:
-  stats = getattr(data_lib, "stats", None)
+def _data_stats(data_iterator) -> dict[str, float]:
+  """Counters of the data pipeline (records seen, bad records skipped, ...), if it has them."""
+  stats = getattr(data_iterator, "stats", None)
   if stats is None:
     return {}
   values = stats()
