@@ -1,0 +1,110 @@
+"""Scaled dot-product attention behind one function, with selectable implementations.
+
+Every model calls `dot_product_attention(q, k, v, mask=..., impl=...)` with q/k/v laid out as
+(batch, seq, heads, head_dim). Implementations:
+  'xla'    plain einsum + softmax (float32 softmax), any backend; the numerics reference.
+  'cudnn'  `jax.nn.dot_product_attention`: the cuDNN flash kernel on GPU (which needs float16 or
+           bfloat16 inputs), jax's own XLA implementation of the same function elsewhere.
+  'splash' the Pallas splash kernel on TPU; raises NotImplementedError on other backends.
+Grouped-query attention (fewer key/value heads than query heads) is supported by all three.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          mask: jax.Array | None = None, impl: str = "xla",
+                          scale: float | None = None) -> jax.Array:
+  """softmax(q k^T * scale, masked) v.
+
+  Args:
+    q: (batch, q_len, heads, head_dim).
+    k, v: (batch, kv_len, kv_heads, head_dim); `heads` must be a multiple of `kv_heads`.
+    mask: optional boolean array broadcastable to (batch, heads, q_len, kv_len); True = attend.
+    impl: one of IMPLEMENTATIONS.
+    scale: logit scale, default 1/sqrt(head_dim).
+  Returns:
+    (batch, q_len, heads, head_dim) in q's dtype.
+  """
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q/k/v must be (batch, seq, heads, head_dim); got shapes {q.shape}, "
+                     f"{k.shape}, {v.shape}")
+  if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+    raise ValueError(f"incompatible q/k/v shapes {q.shape}, {k.shape}, {v.shape}")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
+                     f"({k.shape[2]})")
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+      raise ValueError(f"mask must be boolean (True = attend), got dtype {mask.dtype}")
+    if mask.ndim != 4:
+      raise ValueError(f"mask must be 4-D, broadcastable to (batch, heads, q_len, kv_len); "
+                       f"got shape {mask.shape}")
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+  if impl == "xla":
+    return _xla_attention(q, k, v, mask, scale)
+  if impl == "cudnn":
+    implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                        implementation=implementation)
+  if impl == "splash":
+    return _splash_attention(q, k, v, mask, scale)
+  raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLEMENTATIONS}")
+
+
+def _xla_attention(q, k, v, mask, scale):
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  groups = heads // kv_heads
+  # Grouped layout (kv_heads, groups) avoids materialising repeated keys/values for GQA.
+  qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+  logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+  logits = logits * scale
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (mask.shape[0], heads, q_len, k.shape[1]))
+    mask = mask.reshape(mask.shape[0], kv_heads, groups, q_len, k.shape[1])
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
+  return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
+def _splash_attention(q, k, v, mask, scale):
+  if jax.default_backend() != "tpu":
+    raise NotImplementedError(
+        f"attention impl 'splash' is a TPU Pallas kernel; backend is {jax.default_backend()!r}. "
+        "Use impl='xla' or 'cudnn'.")
+  if mask is not None:
+    raise NotImplementedError(
+        "attention impl 'splash' supports only unmasked (full) attention here; masked models "
+        "(e.g. padded text) need impl='xla' or 'cudnn'.")
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  batch, q_len, heads, head_dim = q.shape
+  kv_len = k.shape[1]
+  block = 128
+  q_pad, kv_pad = -q_len % block, -kv_len % block
+  # The kernel works on (heads, seq, head_dim) per example with block-multiple lengths; padded
+  # keys get their own segment id so real queries never attend to them.
+  qt = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, q_pad), (0, 0), (0, 0)))
+  kt = jnp.pad(k, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
+  vt = jnp.pad(v, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
+  groups = heads // k.shape[2]
+  kt = jnp.repeat(kt, groups, axis=2)
+  vt = jnp.repeat(vt, groups, axis=2)
+  q_seg = (jnp.arange(q_len + q_pad) >= q_len).astype(jnp.int32)
+  kv_seg = (jnp.arange(kv_len + kv_pad) >= kv_len).astype(jnp.int32)
+  segments = sk.SegmentIds(q=q_seg, kv=kv_seg)
+  full = sm.MultiHeadMask([sm.FullMask((q_len + q_pad, kv_len + kv_pad))] * heads)
+  kernel = sk.make_splash_mha(full, head_shards=1, q_seq_shards=1)
+  to_hsd = lambda x: jnp.swapaxes(x, 0, 1)  # (seq, heads, d) -> (heads, seq, d)
+  out = jax.vmap(lambda a, b, c: kernel(to_hsd(a), to_hsd(b), to_hsd(c), segment_ids=segments))(
+      qt, kt, vt)
+  return jnp.swapaxes(out, 1, 2)[:, :q_len].astype(q.dtype)
