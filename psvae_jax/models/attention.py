@@ -61,19 +61,25 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 def _xla_attention(q, k, v, mask, scale):
   batch, q_len, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
+  kv_len, kv_heads = k.shape[1], k.shape[2]
   groups = heads // kv_heads
-  # Grouped layout (kv_heads, groups) avoids materialising repeated keys/values for GQA.
-  qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
-  logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+  # Heads-major layout (batch, kv_heads, groups, seq, head_dim) with explicit transposes: the
+  # batched matmuls then have leading batch dims, which XLA:CPU runs about 2x faster than
+  # einsums over the (batch, seq, heads, head_dim) layout. Query head h uses key/value head
+  # h // groups (transformers' repeat_kv), without materialising repeated keys/values.
+  qt = jnp.transpose(q, (0, 2, 1, 3)).reshape(batch, kv_heads, groups, q_len, head_dim)
+  kt = jnp.transpose(k, (0, 2, 1, 3))
+  vt = jnp.transpose(v, (0, 2, 1, 3))
+  logits = jnp.einsum("bkgqd,bksd->bkgqs", qt, kt, preferred_element_type=jnp.float32)
   logits = logits * scale
   if mask is not None:
-    mask = jnp.broadcast_to(mask, (mask.shape[0], heads, q_len, k.shape[1]))
-    mask = mask.reshape(mask.shape[0], kv_heads, groups, q_len, k.shape[1])
+    mask = jnp.broadcast_to(mask, (mask.shape[0], heads, q_len, kv_len))
+    mask = mask.reshape(mask.shape[0], kv_heads, groups, q_len, kv_len)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
-  return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+  out = jnp.einsum("bkgqs,bksd->bkgqd", weights, vt)
+  out = out.reshape(batch, heads, q_len, head_dim)
+  return jnp.transpose(out, (0, 2, 1, 3)).astype(q.dtype)
 
 
 def _splash_attention(q, k, v, mask, scale):

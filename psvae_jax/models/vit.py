@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from psvae_jax.models.attention import dot_product_attention
@@ -35,10 +36,9 @@ def _init(names, init=None):
   return nnx.with_partitioning(init or nnx.initializers.lecun_normal(), names)
 
 
-def _norm(dim, eps, dtype, param_dtype, rngs, affine=True):
+def _norm(dim, eps, dtype, param_dtype, rngs):
   return nnx.LayerNorm(
-      dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_bias=affine, use_scale=affine,
-      use_fast_variance=False,  # two-pass variance, as torch: robust to large activations
+      dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,  # two-pass variance, as torch: robust to large activations
       scale_init=_init(("norm",), nnx.initializers.ones),
       bias_init=_init(("norm",), nnx.initializers.zeros), rngs=rngs)
 
@@ -53,6 +53,12 @@ def swiglu_hidden_dim(dim: int, mlp_ratio: float = 4.0) -> int:
   """DINOv2's SwiGLU width: two thirds of dim*mlp_ratio, rounded up to a multiple of 8."""
   hidden = int(dim * mlp_ratio)
   return (int(hidden * 2 / 3) + 7) // 8 * 8
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x) (torch nn.GELU()). Written out: on XLA:CPU this form runs ~3x
+  faster than jax.nn.gelu(approximate=False), with the same values to float rounding."""
+  return x * 0.5 * (1.0 + jax.lax.erf(x * np.float32(1 / np.sqrt(2))).astype(x.dtype))
 
 
 class FusedQKV(nnx.Module):
@@ -119,8 +125,10 @@ class Mlp(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.mlp_type == "swiglu":
       return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
-    # 'gelu' is the exact erf form (torch nn.GELU); 'gelu_tanh' is gelu_pytorch_tanh.
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.mlp_type == "gelu_tanh"))
+    h = self.fc1(x)
+    if self.mlp_type == "gelu_tanh":  # gelu_pytorch_tanh
+      return self.fc2(jax.nn.gelu(h, approximate=True))
+    return self.fc2(gelu_erf(h))
 
 
 class LayerScale(nnx.Module):
