@@ -60,7 +60,10 @@ def make_train_step(task: Task, layout: ts.Layout, config) -> Callable:
     rng = jax.random.fold_in(base_key, step)
 
     def loss_fn(params):
-      model = layout.merge(params, state["frozen"], state["other"])
+      # Rebuild the non-differentiated states' Variables inside this trace: NNX only lets a
+      # Variable (e.g. a BatchNorm statistic) be updated in the trace that created it.
+      frozen, other = jax.tree.map(lambda x: x, (state["frozen"], state["other"]))
+      model = layout.merge(params, frozen, other)
       loss, metrics = task.loss(model, batch, rng, step)
       other = nnx.split(model, *layout.filters)[3]
       return loss, (metrics, other)
@@ -146,6 +149,7 @@ def restore_or_init(task: Task, config, layout: ts.Layout, checkpointer: ckpt_li
     restored = checkpointer.restore(latest, abstract_state=layout.abstract_state,
                                     abstract_ema=layout.abstract_ema, data_iterator=data_iterator)
     ckpt_lib.log_restore(checkpointer.directory, latest)
+    task.restore_extras(restored.get("extras") or {})
     return restored["state"], restored.get("ema"), f"workdir step {latest}"
   if config.resume:
     directory = ckpt_lib.resolve_checkpoint_dir(config.resume)
@@ -158,15 +162,14 @@ def restore_or_init(task: Task, config, layout: ts.Layout, checkpointer: ckpt_li
                              abstract_ema=layout.abstract_ema, data_iterator=data_iterator)
     other.close()
     ckpt_lib.log_restore(directory, step)
+    task.restore_extras(restored.get("extras") or {})
     return restored["state"], restored.get("ema"), f"resume {config.resume} step {step}"
   if not config.init:
     task.check_fresh_start()
   state = ts.init_state(task, config, layout)
-  source = "scratch"
-  if config.init:
-    merged = task.load_init(ts.all_params(state), config.init)
-    state["params"], state["frozen"] = ts.split_params(layout, merged)
-    source = f"init {config.init}"
+  merged = task.load_init(ts.all_params(state), config.init)
+  state["params"], state["frozen"] = ts.split_params(layout, merged)
+  source = f"init {config.init}" if config.init else "scratch"
   return state, ts.init_ema(state, layout), source
 
 
@@ -260,11 +263,10 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
                     out_shardings=(layout.state_shardings, layout.ema_shardings, None),
                     donate_argnums=(0, 1))
   eval_fn = jax.jit(make_eval_step(task, layout, config))
-  eval_batches = None
-  if config.eval_every or config.sample_every >= 0:
-    eval_batches = data_lib.make_eval_batches(
-        config.data, batch_size=config.batch_size, num_batches=max(config.eval_batches, 1),
-        seed=config.seed)
+  # Held-out batches for eval and for the end-of-run samples (identical on every process).
+  eval_batches = data_lib.make_eval_batches(
+      config.data, batch_size=config.batch_size, num_batches=max(config.eval_batches, 1),
+      seed=config.seed)
   flops_per_example = task.flops_per_example()
   config_json = config_base.to_json(config)
 
@@ -284,9 +286,10 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
     return scalars
 
   def run_sample(step: int) -> None:
+    batch = sharding.host_local_to_global(task.prepare_batch(_local_slice(eval_batches[0])), mesh)
     images = task.sample(eval_model(layout, state, ema), jax.random.key(config.seed + step),
-                         eval_batches[0], step)
-    logger.images(step, images)
+                         batch, step)
+    logger.images(step, {k: _to_host(v) for k, v in images.items()})
 
   pending: list[dict] = []
   last_logged: dict[str, float] = {}
@@ -320,6 +323,8 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
       last_eval = run_eval(done)
     if (config.sample_every and done % config.sample_every == 0) or is_last:
       run_sample(done)
+    if is_last:
+      task.finalize(eval_model(layout, state, ema), mesh)
     if (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last:
       save(done)
     if watch.reached(checkpointer.manager, done):
@@ -328,6 +333,14 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
       raise Preempted(done)
   checkpointer.wait()
   return {"final_step": step + 1, "last_metrics": last_logged, "last_eval": last_eval}
+
+
+def _to_host(x) -> np.ndarray:
+  """A (possibly multi-process) jax array or numpy array -> numpy on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 def _local_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

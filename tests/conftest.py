@@ -40,6 +40,8 @@ def tiny_svae_config(**overrides):
   config.model.encoder_resolution = 56  # 4x4 tokens of the tiny encoder
   config.model.svae_depth = 1
   config.model.latent_channels = 8
+  config.model.pixel_decoder.ch_mult = (1, 1, 1, 2)  # 4x4 latents -> 32x32 pixels
+  config.model.pixel_decoder.resolution = 32
   config.data.image_size = 32
   config.data.synthetic_size = 512
   config.batch_size = 8

@@ -6,6 +6,7 @@ import importlib
 # task name -> (module, class); imported lazily so a stage only pulls in what it needs.
 TASKS = {
     "svae": ("psvae_jax.tasks.svae", "SVAETask"),
+    "psvae": ("psvae_jax.tasks.psvae", "PSVAETask"),
 }
 
 

@@ -33,9 +33,13 @@ class Task:
     raise NotImplementedError
 
   def load_init(self, params: nnx.State, path: str) -> nnx.State:
-    """Returns `params` (all nnx.Param of the model, sharded) with pretrained weights from
-    `path` (`config.init`) filled in. Must raise on anything it cannot load."""
-    raise NotImplementedError(f"task {type(self).__name__} does not support config.init")
+    """Called on every fresh start (nothing to resume): returns `params` (all nnx.Param of the
+    model, sharded) with pretrained weights filled in, from `path` (`config.init`, may be '')
+    and from any other weights the task's config names. Must raise on anything it cannot
+    load."""
+    if path:
+      raise NotImplementedError(f"task {type(self).__name__} does not support config.init")
+    return params
 
   def check_fresh_start(self) -> None:
     """Called when the run starts from scratch (no checkpoint, no config.init); a task that
@@ -58,15 +62,23 @@ class Task:
     """Scalar metrics on one held-out batch (averaged over batches by the loop)."""
     return {}
 
-  def sample(self, model: nnx.Module, rng: jax.Array, eval_batch: Mapping[str, np.ndarray],
-             step: int) -> dict[str, np.ndarray]:
-    """Images to log: name -> uint8 (N, H, W, 3). Runs outside the step's jit."""
+  def sample(self, model: nnx.Module, rng: jax.Array, batch: Mapping[str, jax.Array],
+             step: int) -> dict[str, jax.Array | np.ndarray]:
+    """Images to log: name -> uint8 (N, H, W, 3), given one held-out batch (global arrays).
+    Runs outside the step's jit."""
     return {}
 
   def flops_per_example(self) -> float:
     """Analytic training FLOPs per example (forward + backward), for TFLOP/s and MFU."""
     return 0.0
 
+  def finalize(self, model: nnx.Module, mesh) -> None:
+    """Called once after the last step, before the final checkpoint (e.g. to compute latent
+    statistics that `checkpoint_extras` then saves)."""
+
   def checkpoint_extras(self, model: nnx.Module) -> dict[str, Any]:
     """JSON-serialisable extras saved with each checkpoint (e.g. latent statistics)."""
     return {}
+
+  def restore_extras(self, extras: dict[str, Any]) -> None:
+    """Receives the extras of the checkpoint a run resumed from."""

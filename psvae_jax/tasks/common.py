@@ -109,3 +109,46 @@ def svae_train_flops(model_config) -> float:
   projections = 2 * tokens * (c.width * c.width + c.width * 2 * c_lat  # E_s MLP
                               + c_lat * c.width + c.width * c.width)  # D_s MLP
   return encoder + 3 * (blocks + projections)
+
+
+def fill_subtree(params: nnx.State, prefix: str, source: nnx.State, *, what: str) -> nnx.State:
+  """params[prefix] <- `source` (same structure), placed on params[prefix]'s shardings.
+
+  Structure or shape differences are an error listing them.
+  """
+  target = params[prefix]
+  want = {path: leaf for path, leaf in nnx.to_flat_state(target)}
+  have = {path: leaf for path, leaf in nnx.to_flat_state(source)}
+  problems = [f"missing {'.'.join(map(str, p))}" for p in want if p not in have]
+  problems += [f"unexpected {'.'.join(map(str, p))}" for p in have if p not in want]
+  problems += [f"{'.'.join(map(str, p))}: {have[p].get_value().shape} vs model "
+               f"{want[p].get_value().shape}" for p in want
+               if p in have and have[p].get_value().shape != want[p].get_value().shape]
+  if problems:
+    raise ckpt_lib.CheckpointError(f"cannot load {prefix} from {what}: " + "; ".join(problems[:20]))
+  for path, variable in want.items():
+    value = variable.get_value()
+    # A copy: one source may fill two groups (encoder and teacher), and the train step
+    # donates its state, which must not hold the same buffer twice.
+    variable.set_value(jax.device_put(jnp.array(have[path].get_value(), value.dtype, copy=True),
+                                      value.sharding))
+  return params
+
+
+def latent_stats_from_training_data(model, config, mesh, num_batches: int, statistics_fn):
+  """Latent statistics over `num_batches` training batches drawn from a separate iterator
+  (seeded apart from the run's own, whose position must not move)."""
+  from psvae_jax import data as data_lib
+  from psvae_jax import sharding
+
+  iterator = data_lib.make_train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=config.seed + 1,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  try:
+    batches = (sharding.host_local_to_global({"image": next(iterator)["image"]}, mesh)["image"]
+               for _ in range(num_batches))
+    return statistics_fn(model, batches, config.model)
+  finally:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
