@@ -14,8 +14,12 @@ import os
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "transformers checkpoint directory")
-flags.DEFINE_string("out", None, "output directory for port_config.json and params/")
+
+
+def define_flags() -> None:
+  """The tool's flags (defined on demand, so importing the module defines none)."""
+  flags.DEFINE_string("src", None, "transformers checkpoint directory")
+  flags.DEFINE_string("out", None, "output directory for port_config.json and params/")
 
 
 def convert(src: str, out: str) -> dict:
@@ -35,5 +39,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["src", "out"])
   app.run(main)

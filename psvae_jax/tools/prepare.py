@@ -533,37 +533,41 @@ def prepare(inputs: str, fmt: str, out: str, *, prefix: str = "train",
 # Command line
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, "glob / directory / file of the inputs (see --format)")
-flags.DEFINE_enum("format", None, list(FORMATS), "input layout")
-flags.DEFINE_string("out", None, "output directory for the shards and the summary")
-flags.DEFINE_string("prefix", "train", "shard file name prefix: PREFIX-NNNNN.array_record")
-flags.DEFINE_integer("records_per_shard", 1000, "records per ArrayRecord shard")
-flags.DEFINE_integer("max_records", 0, "stop after this many records (0 = all)")
-flags.DEFINE_integer("threads", min(8, os.cpu_count() or 1), "decoding threads (0 = inline)")
-flags.DEFINE_bool("overwrite", False, "replace existing PREFIX-*.array_record shards in --out")
-_DEFAULTS = PrepareOptions()
-flags.DEFINE_integer("image_size", 0, "0: store images unchanged; S: shorter side above S -> "
-                     "resized to S and stored as JPEG")
-flags.DEFINE_integer("jpeg_quality", _DEFAULTS.jpeg_quality, "JPEG quality with --image_size")
-flags.DEFINE_integer("max_image_pixels", _DEFAULTS.max_image_pixels,
-                     "images whose header claims more pixels are skipped")
-flags.DEFINE_integer("min_image_size", _DEFAULTS.min_image_size,
-                     "images whose shorter side is below this are skipped")
-flags.DEFINE_bool("keep_uncaptioned", False, "write records with a missing / unreadable caption "
-                  "with caption None instead of skipping them")
-flags.DEFINE_list("caption_keys", list(_DEFAULTS.caption_keys),
-                  "webdataset .json keys holding the caption, in order of preference")
-flags.DEFINE_string("source_column", _DEFAULTS.source_column, "parquet: source image column")
-flags.DEFINE_string("target_column", _DEFAULTS.target_column, "parquet: edited image column")
-flags.DEFINE_string("instruction_column", _DEFAULTS.instruction_column,
-                    "parquet: instruction column (list<string> or string)")
-flags.DEFINE_string("task_column", _DEFAULTS.task_column, "parquet: edit type column ('' = none)")
-flags.DEFINE_string("id_column", _DEFAULTS.id_column, "parquet: id column naming skipped rows "
-                    "('' = none)")
-flags.DEFINE_enum("instructions", _DEFAULTS.instructions, ["first", "all"],
-                  "parquet list of instructions: the first only, or a record for each")
-flags.DEFINE_string("score_column", _DEFAULTS.score_column, "parquet: score column for --min_score")
-flags.DEFINE_float("min_score", None, "parquet: skip rows whose --score_column is below this")
+
+
+def define_flags() -> None:
+  """The tool's flags (defined on demand, so importing the module defines none)."""
+  defaults = PrepareOptions()
+  flags.DEFINE_string("input", None, "glob / directory / file of the inputs (see --format)")
+  flags.DEFINE_enum("format", None, list(FORMATS), "input layout")
+  flags.DEFINE_string("out", None, "output directory for the shards and the summary")
+  flags.DEFINE_string("prefix", "train", "shard file name prefix: PREFIX-NNNNN.array_record")
+  flags.DEFINE_integer("records_per_shard", 1000, "records per ArrayRecord shard")
+  flags.DEFINE_integer("max_records", 0, "stop after this many records (0 = all)")
+  flags.DEFINE_integer("threads", min(8, os.cpu_count() or 1), "decoding threads (0 = inline)")
+  flags.DEFINE_bool("overwrite", False, "replace existing PREFIX-*.array_record shards in --out")
+  flags.DEFINE_integer("image_size", 0, "0: store images unchanged; S: shorter side above S -> "
+                       "resized to S and stored as JPEG")
+  flags.DEFINE_integer("jpeg_quality", defaults.jpeg_quality, "JPEG quality with --image_size")
+  flags.DEFINE_integer("max_image_pixels", defaults.max_image_pixels,
+                       "images whose header claims more pixels are skipped")
+  flags.DEFINE_integer("min_image_size", defaults.min_image_size,
+                       "images whose shorter side is below this are skipped")
+  flags.DEFINE_bool("keep_uncaptioned", False, "write records with a missing / unreadable caption "
+                    "with caption None instead of skipping them")
+  flags.DEFINE_list("caption_keys", list(defaults.caption_keys),
+                    "webdataset .json keys holding the caption, in order of preference")
+  flags.DEFINE_string("source_column", defaults.source_column, "parquet: source image column")
+  flags.DEFINE_string("target_column", defaults.target_column, "parquet: edited image column")
+  flags.DEFINE_string("instruction_column", defaults.instruction_column,
+                      "parquet: instruction column (list<string> or string)")
+  flags.DEFINE_string("task_column", defaults.task_column, "parquet: edit type column ('' = none)")
+  flags.DEFINE_string("id_column", defaults.id_column, "parquet: id column naming skipped rows "
+                      "('' = none)")
+  flags.DEFINE_enum("instructions", defaults.instructions, ["first", "all"],
+                    "parquet list of instructions: the first only, or a record for each")
+  flags.DEFINE_string("score_column", defaults.score_column, "parquet: score column for --min_score")
+  flags.DEFINE_float("min_score", None, "parquet: skip rows whose --score_column is below this")
 
 
 def options_from_flags() -> PrepareOptions:
@@ -587,5 +591,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["input", "format", "out"])
   app.run(main)
