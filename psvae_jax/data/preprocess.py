@@ -47,12 +47,16 @@ def resize_center_crop(image, size: int, *, resample=Image.BICUBIC) -> np.ndarra
   return np.asarray(im.resize((size, size), resample, box=box, reducing_gap=3.0))
 
 
-def _prepare_image(value, cfg) -> tuple[np.ndarray, tuple[int, int]]:
-  """Returns (pixels (S, S, 3) uint8, original (W, H))."""
+def _prepare_image(value, cfg, *, draft: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
+  """Returns (pixels (S, S, 3) uint8, decoded (W, H)).
+
+  draft=False decodes JPEGs at full size, so that the returned size is the true one (needed when
+  sizes are compared across the images and masks of an edit record).
+  """
   size = cfg.image_size
   if isinstance(value, (bytes, bytearray, memoryview)):
     im = load_rgb(bytes(value), max_pixels=cfg.max_image_pixels, min_size=cfg.min_image_size,
-                  draft_short_side=size)
+                  draft_short_side=size if draft else None)
     return resize_center_crop(im, size), im.size
   if isinstance(value, np.ndarray):
     if value.dtype != np.uint8 or value.ndim != 3 or value.shape[-1] != 3:
@@ -73,9 +77,12 @@ def prepare_example(raw, cfg, *, flip: bool = False):
   caption_fallback = False
   try:
     sizes = {}
+    # Edit records compare sizes between images (and the mask): JPEG draft decoding would
+    # report reduced sizes that differ between a JPEG and a PNG of the same image.
+    draft = "source_image" not in raw and MASK_KEY not in raw
     for key in IMAGE_KEYS:
       if key in raw:
-        out[key], sizes[key] = _prepare_image(raw[key], cfg)
+        out[key], sizes[key] = _prepare_image(raw[key], cfg, draft=draft)
     if len(set(sizes.values())) > 1:
       raise BadImage(f"source_image size {sizes['source_image']} differs from image size {sizes['image']}")
     if MASK_KEY in raw:
