@@ -7,6 +7,7 @@ import importlib
 TASKS = {
     "svae": ("psvae_jax.tasks.svae", "SVAETask"),
     "psvae": ("psvae_jax.tasks.psvae", "PSVAETask"),
+    "t2i": ("psvae_jax.tasks.t2i", "T2ITask"),
 }
 
 
