@@ -157,19 +157,22 @@ def autoencoder_eval(model: AutoencoderModel, batch, config, *, stage: str):
   return metrics
 
 
-def reconstruction_grid(model: AutoencoderModel, images: np.ndarray, model_config,
-                        max_images: int = 8) -> dict[str, np.ndarray]:
-  """Originals and their reconstructions interleaved (original, recon, original, ...)."""
-  images = np.asarray(images[:max_images])
+def reconstruction_grid(model: AutoencoderModel, images, model_config,
+                        max_images: int = 8) -> dict[str, jax.Array]:
+  """Originals and their reconstructions interleaved (original, recon, original, ...).
+
+  Stays a (possibly multi-process) jax array: the training loop gathers it to the host.
+  """
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def run(state, images):
-    return unit_range_to_uint8(reconstruct(nnx.merge(graphdef, state), images, model_config)[3])
+    images = images[:max_images]
+    recon = unit_range_to_uint8(reconstruct(nnx.merge(graphdef, state), images, model_config)[3])
+    pairs = jnp.stack([images.astype(jnp.uint8), recon], axis=1)
+    return pairs.reshape((-1,) + images.shape[1:])
 
-  recon = np.asarray(jax.device_get(run(state, images)))
-  pairs = np.stack([images, recon], axis=1).reshape((-1,) + images.shape[1:])
-  return {"reconstructions": pairs}
+  return {"reconstructions": run(state, images)}
 
 
 def latent_statistics(model: AutoencoderModel, batches, model_config) -> dict[str, list[float]]:
