@@ -15,34 +15,15 @@ other jobs share the CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import statistics
 import tempfile
 import time
 
 import numpy as np
 
+from benchmarks.timing import format_rows, median_seconds, write_json
+
 DEFAULT_OUT = os.path.join("benchmarks", "out", "encoder_forward.json")
-
-
-def _cpu_seconds() -> float:
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
-
-
-def _median_seconds(fn, warmup: int, repeats: int) -> tuple[float, float]:
-  """Median wall seconds per call, and median process CPU seconds (all threads) per call."""
-  for _ in range(warmup):
-    fn()
-  wall, cpu = [], []
-  for _ in range(repeats):
-    start, start_cpu = time.perf_counter(), _cpu_seconds()
-    fn()
-    wall.append(time.perf_counter() - start)
-    cpu.append(_cpu_seconds() - start_cpu)
-  return statistics.median(wall), statistics.median(cpu)
 
 
 def _reference_model():
@@ -81,12 +62,12 @@ def run(batch: int = 8, image_size: int = 224, warmup: int = 2, repeats: int = 1
   start = time.perf_counter()
   ours = forward(state, x_jax).block_until_ready()
   compile_s = time.perf_counter() - start
-  jax_s, jax_cpu = _median_seconds(lambda: forward(state, x_jax).block_until_ready(), warmup,
+  jax_s, jax_cpu = median_seconds(lambda: forward(state, x_jax).block_until_ready(), warmup,
                                    repeats)
 
   with torch.inference_mode():
     reference = model(pixel_values=x_torch).last_hidden_state.numpy()
-    torch_s, torch_cpu = _median_seconds(lambda: model(pixel_values=x_torch), warmup, repeats)
+    torch_s, torch_cpu = median_seconds(lambda: model(pixel_values=x_torch), warmup, repeats)
 
   result = {
       "what": "DINOv2-B/14+registers forward, float32",
@@ -100,10 +81,7 @@ def run(batch: int = 8, image_size: int = 224, warmup: int = 2, repeats: int = 1
       "load_average_1min": os.getloadavg()[0],
       "max_abs_err_vs_transformers": float(np.abs(np.asarray(ours) - reference).max()),
   }
-  if out:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-      json.dump(result, f, indent=2)
+  write_json(result, out)
   return result
 
 
@@ -112,10 +90,7 @@ def format_table(result: dict) -> str:
           (f"{result['what']}, batch {result['batch']}, {result['image_size']} px: images/s",
            f"{result['jax_images_per_s']:.2f}", f"{result['torch_images_per_s']:.2f}",
            f"{result['ratio']:.2f}x")]
-  widths = [max(len(r[i]) for r in rows) for i in range(4)]
-  lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-  lines.insert(1, "-+-".join("-" * w for w in widths))
-  return "\n".join(lines)
+  return format_rows(rows)
 
 
 def main(argv=None):
