@@ -36,6 +36,12 @@ def _reference_model():
   return Dinov2WithRegistersModel(config).eval()
 
 
+def _flops_per_image(tokens: int, image_size: int) -> float:
+  from psvae_jax.tasks.common import vit_forward_flops
+  patches = (image_size // 14) ** 2
+  return vit_forward_flops(768, 12, 3072, tokens) + 2 * patches * 14 * 14 * 3 * 768
+
+
 def run(batch: int = 8, image_size: int = 224, warmup: int = 2, repeats: int = 10,
         out: str | None = DEFAULT_OUT) -> dict:
   """Measures both forwards; returns (and writes to `out` as JSON, unless None) the results."""
@@ -79,6 +85,8 @@ def run(batch: int = 8, image_size: int = 224, warmup: int = 2, repeats: int = 1
       # CPU seconds (all threads) per batch: the work done, less sensitive to a shared CPU.
       "jax_cpu_s_per_batch": jax_cpu, "torch_cpu_s_per_batch": torch_cpu,
       "load_average_1min": os.getloadavg()[0],
+      # Analytic matmul FLOPs per image (12 blocks on 261 tokens + patch embedding).
+      "flops_per_image": _flops_per_image(int(ours.shape[1]), image_size),
       "max_abs_err_vs_transformers": float(np.abs(np.asarray(ours) - reference).max()),
   }
   write_json(result, out)

@@ -1,6 +1,6 @@
 """Input pipeline throughput: decoded + preprocessed images/s at 256 px.
 
-  python -m benchmarks.input_pipeline [--batches=6] [--repeats=3]
+  python -m benchmarks.input_pipeline [--batches=6] [--repeats=3] [--out=FILE.json]
 
 Measures the synthetic world's raw generation rate (one thread) and the full training iterator
 (grain, read threads, batching) over the synthetic source, a folder of generated JPEGs and
@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from benchmarks.timing import write_json
 from psvae_jax.data import ShardWriter, encode_image, make_train_iterator, synthetic
 
 IMAGE_SIZE = 256
@@ -81,16 +82,21 @@ def run(batches: int = 6, repeats: int = 3, workers=(0, 2)) -> dict:
 
 
 def main(argv):
-  kwargs = {}
+  kwargs, out = {}, ""
   for arg in argv[1:]:
     key, _, value = arg.lstrip("-").partition("=")
-    kwargs[key] = int(value)
+    if key == "out":
+      out = value
+    else:
+      kwargs[key] = int(value)
   results = run(**kwargs)
   width = max(map(len, results))
   print(f"{'input pipeline (256 px, images/s, median)':<{width}}  rate")
   for name, rate in results.items():
     print(f"{name:<{width}}  {rate:8.0f}")
   print(f"(cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})")
+  write_json({"images_per_s": results, "image_size": IMAGE_SIZE, "batch": BATCH,
+              "cpu_cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}, out)
 
 
 if __name__ == "__main__":
