@@ -1,10 +1,13 @@
 """Orbax checkpoints of a run: train state, EMA, data-iterator position, config, extras.
 
 Layout: WORKDIR/checkpoints/<step>/{state, ema, data, config, extras}. Saves are async; a step
-directory only appears under its final name once complete (Orbax commits by rename), so a
-crash mid-write leaves the previous step as the latest. Restores always go through abstract
-targets that carry the *current* run's shardings, so a checkpoint restores onto a different
-mesh shape or device count.
+directory only appears under its final name once complete (Orbax writes '<step>.orbax-checkpoint-
+tmp' and renames it), so a crash mid-write leaves the previous step as the latest; the unfinished
+directory is reported and removed when the run restarts. A finalized step that was damaged later
+(deleted or truncated files) is detected on resume (`restore_newest`): it is skipped with a
+warning naming the step and the cause, and the newest complete step is used instead. Restores
+always go through abstract targets that carry the *current* run's shardings, so a checkpoint
+restores onto a different mesh shape or device count.
 """
 from __future__ import annotations
 
@@ -15,12 +18,29 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 ITEMS = ("state", "ema", "data", "config", "extras")
+PYTREE_ITEMS = ("state", "ema")
+# Orbax's name for a step directory still being written ('<step>.orbax-checkpoint-tmp...').
+UNFINISHED_MARKER = ".orbax-checkpoint-tmp"
+# Orbax's per-step file listing the items that were saved (written when the save starts).
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+# A damaged step is renamed to '<step>.corrupt' when a run resumes past it (kept for inspection;
+# Orbax no longer sees it as a step, so the run can write that step again).
+SET_ASIDE_SUFFIX = ".corrupt"
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be restored; the message names the directory and the cause."""
+
+
+class IncompleteCheckpointError(CheckpointError):
+  """A step directory is incomplete or damaged: an item or file is missing or unreadable."""
+
+  def __init__(self, step_dir: str, cause: str):
+    super().__init__(f"{step_dir}: incomplete or damaged checkpoint: {cause}")
+    self.step_dir, self.cause = step_dir, cause
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -59,14 +79,23 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0,
                async_save: bool = True, create: bool = True):
+    """`create=False` opens another run's checkpoints for reading: nothing there is removed."""
     _configure_array_handler()
     self.directory = _abs(directory)
+    if create:
+      for name in unfinished_writes(self.directory):
+        logging.warning("checkpoint %s/%s was never finalized (the writing process stopped "
+                        "mid-save); it is ignored and removed", self.directory, name)
+        if jax.process_index() == 0:  # now, not in Orbax's background cleanup
+          epath.Path(self.directory, name).rmtree()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None,
         keep_period=keep_every if keep_every > 0 else None,
         enable_async_checkpointing=async_save,
         create=create,
-        cleanup_tmp_directories=True,
+        # Only the run that owns the directory removes unfinished writes: a reader (config.resume,
+        # tools) could otherwise delete a save that a live run is still writing.
+        cleanup_tmp_directories=create,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -101,18 +130,56 @@ class Checkpointer:
     self.manager.close()
 
   # --- restore -----------------------------------------------------------------------------
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
   def item_names(self, step: int) -> set[str]:
-    step_dir = os.path.join(self.directory, str(step))
-    if _is_gcs(step_dir):
-      from etils import epath
-      return {p.name for p in epath.Path(step_dir).iterdir()}
-    return set(os.listdir(step_dir)) if os.path.isdir(step_dir) else set()
+    step_dir = epath.Path(self.step_dir(step))
+    return {p.name for p in step_dir.iterdir()} if step_dir.is_dir() else set()
+
+  def verify(self, step: int) -> None:
+    """Checks that every item the save started is present and its metadata readable.
+
+    Raises IncompleteCheckpointError naming the missing or unreadable part. Array data is only
+    read by `restore`, which reports damaged data the same way.
+    """
+    step_dir = epath.Path(self.step_dir(step))
+    if not step_dir.is_dir():
+      raise IncompleteCheckpointError(str(step_dir), "step directory missing")
+    meta_file = step_dir / STEP_METADATA_FILE
+    try:
+      saved = json.loads(meta_file.read_text())["item_handlers"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise IncompleteCheckpointError(
+          str(step_dir), f"{STEP_METADATA_FILE} missing or unreadable ({type(e).__name__}: {e}), "
+          "so the saved items are unknown") from e
+    if not isinstance(saved, dict) or "state" not in saved:
+      raise IncompleteCheckpointError(str(step_dir), f"{STEP_METADATA_FILE} lists no 'state' item")
+    for name in sorted(saved):
+      item_dir = step_dir / name
+      if not item_dir.is_dir() or not any(item_dir.iterdir()):
+        raise IncompleteCheckpointError(str(step_dir), f"item '{name}' missing or empty")
+      if name in PYTREE_ITEMS:
+        try:
+          tree = json.loads((item_dir / "_METADATA").read_text())["tree_metadata"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+          raise IncompleteCheckpointError(
+              str(step_dir), f"item '{name}': _METADATA missing or unreadable "
+              f"({type(e).__name__}: {e})") from e
+        if not tree:
+          raise IncompleteCheckpointError(str(step_dir),
+                                          f"item '{name}': _METADATA lists no arrays")
 
   def restore(self, step: int, *, abstract_state=None, abstract_ema=None, data_iterator=None,
               with_extras: bool = True) -> dict[str, Any]:
-    """Restores the requested items at `step` onto the abstract targets' shardings."""
+    """Restores the requested items at `step` onto the abstract targets' shardings.
+
+    Raises IncompleteCheckpointError for a step with missing or unreadable parts (never a
+    partial restore) and CheckpointError naming the differences for one that does not fit.
+    """
     import grain
 
+    self.verify(step)
     present = self.item_names(step)
     items: dict[str, Any] = {}
     if abstract_state is not None:
@@ -131,28 +198,148 @@ class Checkpointer:
       items["extras"] = ocp.args.JsonRestore()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, TypeError, OSError, FileNotFoundError) as e:
-      details = []
+    except Exception as e:  # pylint: disable=broad-except
+      # TensorStore reports unreadable array data (truncated or deleted files) as a plain
+      # Exception; every failure is re-raised below as a CheckpointError naming the cause.
+      details, readable = [], True
       for name, target in (("state", abstract_state), ("ema", abstract_ema)):
         if target is not None:
-          details += tree_mismatches(os.path.join(self.directory, str(step), name), target, name)
-      hint = ("\n  " + "\n  ".join(details[:30])) if details else ""
-      raise CheckpointError(f"cannot restore {self.directory}/{step}: "
-                            f"{type(e).__name__}: {e}{hint}") from e
+          try:
+            details += tree_mismatches(os.path.join(self.step_dir(step), name), target, name,
+                                       strict=True)
+          except (ValueError, OSError) as meta_error:
+            readable = False
+            details.append(f"{name}: metadata unreadable ({meta_error})")
+      root = _root_cause(e)  # TensorStore's own status (e.g. OUT_OF_RANGE: ...) is the cause
+      cause = f"{type(root).__name__}: {_first_line(root)}"
+      if _is_transient(e):
+        raise CheckpointError(f"cannot read {self.directory}/{step} now ({cause}); not treated "
+                              "as damage: retry when storage is reachable") from e
+      if not readable or not details:
+        # Intact metadata that fits the model: the stored data itself is damaged.
+        raise IncompleteCheckpointError(self.step_dir(step), f"unreadable data ({cause})") from e
+      hint = "\n  " + "\n  ".join(details[:30])
+      raise CheckpointError(f"cannot restore {self.directory}/{step}: {cause}{hint}") from e
     return {k: restored[k] for k in items}
+
+  def restore_newest(self, *, abstract_state=None, abstract_ema=None, data_iterator=None,
+                     allow_none_complete: bool = False,
+                     set_aside: bool = False) -> tuple[int, dict[str, Any]] | None:
+    """Restores the newest complete step: (step, items), or None when there is no step.
+
+    Incomplete or damaged steps (see `verify`; unreadable data found by `restore`) are skipped
+    with a warning naming the step and the cause, newest first. A step that is intact but does
+    not fit the model raises at once: older steps would not fit either, and so does a storage
+    error that says nothing about the step (unreachable, permission denied). When steps exist
+    but none is complete: CheckpointError listing each step's cause, or None with
+    `allow_none_complete`. `set_aside` renames the skipped steps to '<step>.corrupt' once the
+    run goes on without them (so that it can write those steps again).
+    """
+    if data_iterator is not None:
+      start_position = data_iterator.get_state()  # a failed restore may have moved it
+    skipped: list[tuple[int, str]] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        restored = self.restore(step, abstract_state=abstract_state, abstract_ema=abstract_ema,
+                                data_iterator=data_iterator)
+      except IncompleteCheckpointError as e:
+        logging.warning("checkpoint step %d in %s is incomplete or damaged and is skipped: %s",
+                        step, self.directory, e.cause)
+        skipped.append((step, e.cause))
+        if data_iterator is not None:
+          data_iterator.set_state(start_position)
+        continue
+      if skipped:
+        logging.warning("resuming from step %d, the newest complete checkpoint in %s (skipped "
+                        "steps %s)", step, self.directory, [s for s, _ in skipped])
+        if set_aside:
+          self.set_aside([s for s, _ in skipped])
+      return step, restored
+    if not skipped:
+      return None
+    summary = "; ".join(f"step {s}: {cause}" for s, cause in skipped)
+    if not allow_none_complete:
+      raise CheckpointError(
+          f"{self.directory}: no complete checkpoint ({summary}). Repair or remove these steps, "
+          "or set config.checkpoint.allow_fresh_start=True to start again without them")
+    logging.warning("no complete checkpoint in %s (%s); starting fresh as "
+                    "config.checkpoint.allow_fresh_start=True asks", self.directory, summary)
+    if set_aside:
+      self.set_aside([s for s, _ in skipped])
+    return None
+
+  def set_aside(self, steps: list[int]) -> None:
+    """Renames damaged step directories to '<step>.corrupt[.N]' (process 0) and rescans."""
+    if jax.process_index() == 0:
+      for step in steps:
+        source = epath.Path(self.step_dir(step))
+        target = epath.Path(self.step_dir(step) + SET_ASIDE_SUFFIX)
+        n = 1
+        while target.exists():
+          target = epath.Path(f"{self.step_dir(step)}{SET_ASIDE_SUFFIX}.{n}")
+          n += 1
+        source.rename(target)
+        logging.warning("moved the damaged checkpoint %s to %s", source, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("psvae_checkpoint_set_aside")
+    self.manager.reload()
+
+
+def unfinished_writes(directory: str) -> list[str]:
+  """Names of step directories under `directory` whose write never finished."""
+  path = epath.Path(directory)
+  if not path.is_dir():
+    return []
+  return sorted(p.name for p in path.iterdir() if UNFINISHED_MARKER in p.name)
+
+
+# Storage errors that say nothing about the checkpoint itself (TensorStore status codes, Python
+# exception types): a step that fails with one of these is not skipped as damaged.
+_TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
+                    "UNAUTHENTICATED", "ABORTED", "CANCELLED")
+_TRANSIENT_TYPES = (PermissionError, ConnectionError, TimeoutError, MemoryError)
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+  chain = []
+  while error is not None and all(error is not seen for seen in chain):
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  return _error_chain(error)[-1]
+
+
+def _is_transient(error: BaseException) -> bool:
+  return any(isinstance(e, _TRANSIENT_TYPES) or any(code in str(e) for code in _TRANSIENT_CODES)
+             for e in _error_chain(error))
+
+
+def _first_line(error: BaseException, limit: int = 400) -> str:
+  text = str(error).strip().splitlines()
+  line = text[0] if text else ""
+  return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _key_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def tree_mismatches(item_dir: str, abstract_tree, label: str) -> list[str]:
+def tree_mismatches(item_dir: str, abstract_tree, label: str, *, strict: bool = False) -> list[str]:
   """Human-readable differences between a stored PyTree item and the tree a run expects:
-  entries missing from the checkpoint, entries the model does not have, and shape changes."""
+  entries missing from the checkpoint, entries the model does not have, and shape changes.
+  Unreadable metadata is reported as one line, or raised (ValueError, OSError) with `strict`."""
   try:
     stored = ocp.StandardCheckpointer().metadata(item_dir).item_metadata
-  except (ValueError, OSError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:
+    if strict:
+      raise
     return [f"{label}: metadata unreadable ({e})"]
+  if strict and not jax.tree_util.tree_leaves(stored):
+    raise ValueError(f"{item_dir}: metadata lists no arrays")
   shapes = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]:
     shapes[".".join(_key_names(path))] = tuple(getattr(leaf, "shape", ()) or ())

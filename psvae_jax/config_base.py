@@ -61,6 +61,10 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3  # newest N kept
   c.checkpoint.keep_every = 0  # also keep every K-th step forever (0 = none)
   c.checkpoint.async_save = True
+  # When this workdir holds checkpoints but none is complete (all damaged): False stops with an
+  # error listing each step's problem; True sets them aside and starts fresh (config.resume,
+  # config.init or scratch). Damaged steps newer than a complete one are always skipped.
+  c.checkpoint.allow_fresh_start = False
 
   c.logging = ml_collections.ConfigDict()
   # Peak FLOP/s of one device for MFU; 0 = look up a table by device kind (CPU: measured).

@@ -143,27 +143,31 @@ class PreemptionWatch:
 
 def restore_or_init(task: Task, config, layout: ts.Layout, checkpointer: ckpt_lib.Checkpointer,
                     data_iterator) -> tuple[dict, Any, str]:
-  """Resume order: this workdir's latest checkpoint, config.resume, config.init, scratch."""
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    restored = checkpointer.restore(latest, abstract_state=layout.abstract_state,
-                                    abstract_ema=layout.abstract_ema, data_iterator=data_iterator)
-    ckpt_lib.log_restore(checkpointer.directory, latest)
-    task.restore_extras(restored.get("extras") or {})
-    return restored["state"], restored.get("ema"), f"workdir step {latest}"
+  """Resume order: this workdir's newest complete checkpoint, config.resume, config.init, scratch.
+
+  Damaged workdir steps are skipped with a warning and set aside; if steps exist but none is
+  complete the run stops unless config.checkpoint.allow_fresh_start (ckpt_lib.restore_newest).
+  """
+  found = checkpointer.restore_newest(
+      abstract_state=layout.abstract_state, abstract_ema=layout.abstract_ema,
+      data_iterator=data_iterator, allow_none_complete=config.checkpoint.allow_fresh_start,
+      set_aside=True)
+  if found is not None:
+    step, restored = found
+    return _resumed(task, restored, checkpointer.directory, step, f"workdir step {step}")
   if config.resume:
     directory = ckpt_lib.resolve_checkpoint_dir(config.resume)
     other = ckpt_lib.Checkpointer(directory, create=False, async_save=False)
-    step = other.latest_step()
-    if step is None:
+    try:
+      found = other.restore_newest(abstract_state=layout.abstract_state,
+                                   abstract_ema=layout.abstract_ema, data_iterator=data_iterator)
+    finally:
+      other.close()
+    if found is None:
       raise ckpt_lib.CheckpointError(
           f"config.resume={config.resume!r}: no complete checkpoint under {directory}")
-    restored = other.restore(step, abstract_state=layout.abstract_state,
-                             abstract_ema=layout.abstract_ema, data_iterator=data_iterator)
-    other.close()
-    ckpt_lib.log_restore(directory, step)
-    task.restore_extras(restored.get("extras") or {})
-    return restored["state"], restored.get("ema"), f"resume {config.resume} step {step}"
+    step, restored = found
+    return _resumed(task, restored, directory, step, f"resume {config.resume} step {step}")
   if not config.init:
     task.check_fresh_start()
   state = ts.init_state(task, config, layout)
@@ -171,6 +175,13 @@ def restore_or_init(task: Task, config, layout: ts.Layout, checkpointer: ckpt_li
   state["params"], state["frozen"] = ts.split_params(layout, merged)
   source = f"init {config.init}" if config.init else "scratch"
   return state, ts.init_ema(state, layout), source
+
+
+def _resumed(task: Task, restored: dict, directory: str, step: int,
+             source: str) -> tuple[dict, Any, str]:
+  ckpt_lib.log_restore(directory, step)
+  task.restore_extras(restored.get("extras") or {})
+  return restored["state"], restored.get("ema"), source
 
 
 # --- the loop ------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ def test_restore_onto_a_different_mesh(tmp_path, svae_config):
   assert any("fsdp" in str(leaf.sharding.spec) for leaf in leaves)
 
 
+@pytest.mark.reliability(fault="checkpoint from another model shape",
+                         expected="CheckpointError naming each mismatched array")
 def test_restore_with_another_model_shape_names_the_cause(tmp_path, svae_config):
   config = svae_config()
   task, mesh, layout = _layout(config, {"data": 8})

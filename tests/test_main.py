@@ -23,6 +23,8 @@ def _main(*args, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.reliability(fault="unknown config key on the command line",
+                         expected="exit != 0; error names the key; nothing written")
 def test_unknown_config_key_is_an_error_naming_it(tmp_path):
   result = _main("--config=configs/svae.py:smoke", f"--workdir={tmp_path}",
                  "--config.model.no_such_key=1")
@@ -31,29 +33,39 @@ def test_unknown_config_key_is_an_error_naming_it(tmp_path):
   assert not os.path.exists(tmp_path / "config.json")
 
 
+@pytest.mark.reliability(fault="unknown config preset",
+                         expected="ValueError naming it")
 def test_unknown_preset_is_an_error():
   with pytest.raises(ValueError, match="unknown preset 'nope'"):
     load_config("configs/svae.py:nope")
 
 
+@pytest.mark.reliability(fault="mesh needing 3 devices on 8",
+                         expected="MeshError naming both counts")
 def test_wrong_mesh_size_is_a_clear_error(tmp_path, svae_config):
   config = svae_config(**{"mesh.data": 3})
   with pytest.raises(sharding.MeshError, match="needs 3 devices but 8 are available"):
     train_lib.train(config, str(tmp_path))
 
 
+@pytest.mark.reliability(fault="batch 12 not divisible by the data-parallel size 8",
+                         expected="ConfigError naming both")
 def test_batch_not_divisible_by_data_parallel_size(tmp_path, svae_config):
   config = svae_config(**{"batch_size": 12})
   with pytest.raises(config_base.ConfigError, match="batch_size=12 is not divisible"):
     train_lib.train(config, str(tmp_path))
 
 
+@pytest.mark.reliability(fault="invalid choice config.nonfinite='ignore'",
+                         expected="ConfigError naming the key and choices")
 def test_bad_choice_is_a_clear_error(tmp_path, svae_config):
   config = svae_config(**{"nonfinite": "ignore"})
   with pytest.raises(config_base.ConfigError, match="config.nonfinite='ignore'"):
     train_lib.train(config, str(tmp_path))
 
 
+@pytest.mark.reliability(fault="paper preset without pretrained encoder weights",
+                         expected="ConfigError saying what to set")
 def test_paper_preset_refuses_a_random_encoder(tmp_path, svae_config):
   config = svae_config(**{"model.require_pretrained_encoder": True})
   with pytest.raises(config_base.ConfigError, match="config.init is empty"):

@@ -21,6 +21,8 @@ def _config():
   return config
 
 
+@pytest.mark.reliability(fault="pipeline override of an unknown stage or key",
+                         expected="ConfigError / KeyError naming it")
 def test_stage_override_errors():
   config = _config()
   config.overrides = ("nope.total_steps=1",)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/svae.py:smoke", "--config.checkpoint_every=100000",
         "--config.eval_every=0", "--config.log_every=1",
@@ -29,6 +31,8 @@ def _logged_steps(workdir):
     return [json.loads(line)["step"] for line in f if line.strip()]
 
 
+@pytest.mark.reliability(fault="SIGTERM (preemption) during training",
+                         expected="checkpoint at that step, exit 143; next launch continues")
 def test_sigterm_saves_and_resumes_at_that_step(tmp_path):
   workdir = str(tmp_path / "run")
   # Both launches share a compilation cache: the resumed run reuses the compiled step.

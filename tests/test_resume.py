@@ -31,6 +31,8 @@ def _metrics(workdir):
     return {row["step"]: row for row in map(json.loads, f)}
 
 
+@pytest.mark.reliability(fault="stopped at step 2 and resumed in the same workdir",
+                         expected="state, EMA, loss bit-identical to an uninterrupted run")
 def test_resume_is_bit_identical(tmp_path, svae_config):
   config = svae_config(**{"optim.ema_decay": 0.5, "total_steps": 4, "checkpoint_every": 2})
   straight = str(tmp_path / "straight")
@@ -53,6 +55,8 @@ def test_resume_is_bit_identical(tmp_path, svae_config):
     assert json.load(f)["total_steps"] == 4
 
 
+@pytest.mark.reliability(fault="NaN loss at every step (nonfinite='{mode}')",
+                         expected="raise: NonFiniteError, no checkpoint; skip: checkpoint finite")
 @pytest.mark.parametrize("mode", ["raise", "skip"])
 def test_nonfinite_loss_is_caught_and_never_checkpointed(tmp_path, svae_config, mode):
   config = svae_config(**{"nonfinite": mode, "loss.kl_weight": float("nan"),

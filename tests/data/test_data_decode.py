@@ -35,18 +35,24 @@ def _bad_files():
   ]
 
 
+@pytest.mark.reliability(fault="undecodable file: {name}",
+                         expected="BadImage with the reason")
 @pytest.mark.parametrize("name,data,reason", _bad_files(), ids=[c[0] for c in _bad_files()])
 def test_bad_files_raise_badimage_with_reason(name, data, reason):
   with pytest.raises(BadImage, match=reason):
     decode_image(data, max_pixels=2000 * 2000, min_size=8)
 
 
+@pytest.mark.reliability(fault="PNG header claiming 20000x20000 pixels",
+                         expected="refused before any pixel is decoded")
 def test_bomb_is_refused_before_decoding():
   # 20000x20000x3 would need 1.2 GB; refusing from the header is instant and allocates nothing.
   with pytest.raises(BadImage, match="too many pixels"):
     decode_image(png_with_header_size(20000, 20000), max_pixels=10**12)
 
 
+@pytest.mark.reliability(fault="grayscale, 1-bit, 16-bit, CMYK, palette and alpha images",
+                         expected="converted to 8-bit RGB (alpha on white)")
 def test_mode_conversions():
   rgb = _noise()
   assert np.array_equal(decode_image(_save(Image.fromarray(rgb), "PNG")), rgb)
@@ -87,6 +93,8 @@ def test_exif_orientation_is_applied():
   assert out.shape == (60, 40, 3)
 
 
+@pytest.mark.reliability(fault="missing or non-UTF-8 text",
+                         expected="reported as unusable, never raised")
 def test_decode_text():
   assert decode_text("a cat") == ("a cat", True)
   assert decode_text("ünïcode".encode()) == ("ünïcode", True)
@@ -107,6 +115,8 @@ class _Prep:
   image_size, max_image_pixels, min_image_size, skip_uncaptioned = 32, 4000 * 4000, 8, False
 
 
+@pytest.mark.reliability(fault="bad image or caption in one record",
+                         expected="BadRecord naming it, or the empty caption")
 def test_prepare_example_skips_or_falls_back():
   good = encode_image(_noise())
   ex = prepare_example({"_id": "x", "image": good, "caption": b"\xff\xfe"}, _Prep())

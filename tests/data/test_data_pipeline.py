@@ -127,6 +127,8 @@ def _zoo_folder(path, n_good=10):
   return 5
 
 
+@pytest.mark.reliability(fault="folder with truncated, empty, non-image, 1x1 and 20000x20000 files",
+                         expected="skipped and counted with their reasons")
 def test_bad_records_are_skipped_and_counted(tmp_path):
   n_bad = _zoo_folder(tmp_path / "zoo")
   cfg = {"source": f"folder:{tmp_path / 'zoo'}", "eval_size": 0, "max_bad_fraction": 0.5}
@@ -144,6 +146,8 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
   it.close()
 
 
+@pytest.mark.reliability(fault="bad records above data.max_bad_fraction (folder)",
+                         expected="DataError naming examples")
 def test_too_many_bad_records_raise_naming_examples(tmp_path):
   _zoo_folder(tmp_path / "zoo")
   cfg = {"source": f"folder:{tmp_path / 'zoo'}", "eval_size": 0, "max_bad_fraction": 0.05}
@@ -154,6 +158,8 @@ def test_too_many_bad_records_raise_naming_examples(tmp_path):
   it.close()
 
 
+@pytest.mark.reliability(fault="a source where every record is bad",
+                         expected="DataError instead of an endless loop")
 def test_a_source_with_no_usable_record_raises(tmp_path, monkeypatch):
   monkeypatch.setattr(pipeline, "MAX_CONSECUTIVE_BAD", 30)
   (tmp_path / "bad").mkdir()
@@ -201,6 +207,8 @@ def test_random_flip_is_deterministic(tmp_path):
   assert left_white.any() and not left_white.all()
 
 
+@pytest.mark.reliability(fault="bad data config {cfg} {kwargs}",
+                         expected="DataError: {msg}")
 @pytest.mark.parametrize("cfg,kwargs,msg", [
     ({"colour_space": "rgb"}, {}, "unknown data config keys"),
     ({"image_size": 2}, {}, "image_size=2"),

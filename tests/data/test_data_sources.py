@@ -29,6 +29,8 @@ def test_parse_source(spec, scheme, arg, split):
   assert sources.parse_source(spec) == sources.SourceSpec(scheme, arg, split)
 
 
+@pytest.mark.reliability(fault="bad data.source {spec!r}",
+                         expected="DataError: {msg}")
 @pytest.mark.parametrize("spec,msg", [
     ("imagenet", "SCHEME:ARG"), ("s3:bucket/x", "unknown data source scheme 's3'"),
     ("folder:", "empty argument"), ("synthetic:cars", "unknown synthetic world 'cars'"),
@@ -39,6 +41,8 @@ def test_parse_source_errors(spec, msg):
     sources.parse_source(spec)
 
 
+@pytest.mark.reliability(fault="captions.jsonl with a broken line and a latin-1 caption",
+                         expected="problems counted; those images get the empty caption")
 def test_folder_with_captions_jsonl(tmp_path):
   (tmp_path / "sub").mkdir()
   names = ["a.jpg", "b.png", "sub/c.webp", "d.bmp", "e.JPEG"]
@@ -157,6 +161,8 @@ def test_arrayrecord_edit_fields_and_raw_pixels(tmp_path):
   assert ex["instruction"] == "make it blue"
 
 
+@pytest.mark.reliability(fault="undecodable ArrayRecord record",
+                         expected="BadRecord naming the record")
 def test_arrayrecord_bad_record_is_reported(tmp_path):
   from array_record.python import array_record_module
   path = str(tmp_path / "x-00000.array_record")

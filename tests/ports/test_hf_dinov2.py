@@ -136,6 +136,8 @@ def small_checkpoint(tmp_path):
   return save(_reference(registers=True, swiglu=False), tmp_path / "ckpt")
 
 
+@pytest.mark.reliability(fault="HF checkpoint of an unsupported model_type",
+                         expected="WeightLoadError listing the supported types")
 def test_unknown_model_type(small_checkpoint):
   config = os.path.join(small_checkpoint, "config.json")
   with open(config) as f:
@@ -146,6 +148,8 @@ def test_unknown_model_type(small_checkpoint):
     hf.load(small_checkpoint)
 
 
+@pytest.mark.reliability(fault="HF weights with missing, extra and mis-shaped tensors",
+                         expected="one WeightLoadError listing each")
 def test_missing_unexpected_and_misshaped_tensors_in_one_error(small_checkpoint):
   def edit(t):
     del t["encoder.layer.1.norm2.bias"]
@@ -164,6 +168,8 @@ def test_missing_unexpected_and_misshaped_tensors_in_one_error(small_checkpoint)
   assert "blocks.blocks.0.attn.qkv.kernel" in message
 
 
+@pytest.mark.reliability(fault="HF checkpoint with only pytorch_model.bin",
+                         expected="refused: pickle")
 def test_pickle_weights_refused(small_checkpoint):
   os.remove(os.path.join(small_checkpoint, "model.safetensors"))
   with open(os.path.join(small_checkpoint, "pytorch_model.bin"), "wb") as f:
@@ -172,6 +178,8 @@ def test_pickle_weights_refused(small_checkpoint):
     hf.load(small_checkpoint)
 
 
+@pytest.mark.reliability(fault="missing weights directory or config.json",
+                         expected="WeightLoadError naming it")
 def test_missing_directory_or_config(tmp_path):
   with pytest.raises(WeightLoadError, match="not a checkpoint directory"):
     hf.load(str(tmp_path / "nope"))

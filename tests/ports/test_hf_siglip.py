@@ -50,6 +50,8 @@ def test_vision_model_checkpoint_parity(tmp_path):
   assert np.abs(np.asarray(forward(x)) - ref).max() <= TOL
 
 
+@pytest.mark.reliability(fault="SigLIP weights missing a vision tensor",
+                         expected="WeightLoadError naming it")
 def test_missing_vision_tensor_named(full_model, tmp_path):
   import shutil
   model, path = full_model

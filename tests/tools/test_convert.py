@@ -64,6 +64,8 @@ def test_restore_sharded_on_mesh(dinov2_checkpoint, tmp_path):
   assert np.array_equal(np.asarray(kernel), np.asarray(reference))
 
 
+@pytest.mark.reliability(fault="converted weights for another encoder shape",
+                         expected="WeightLoadError: missing, unexpected, mis-shaped entries")
 def test_restore_mismatch_names_entries(dinov2_checkpoint, tmp_path):
   from psvae_jax.tools.convert import convert
   convert(dinov2_checkpoint, str(tmp_path / "c"))
