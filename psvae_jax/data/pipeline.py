@@ -132,8 +132,19 @@ class _SkipBadIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
+def _fill_missing_captions(examples: Sequence[dict]) -> Sequence[dict]:
+  """A record without a 'caption' field among captioned ones gets the empty caption, counted as
+  a caption fallback (as a missing .txt or an undecodable caption is)."""
+  with_caption = sum("caption" in ex for ex in examples)
+  if with_caption in (0, len(examples)):
+    return examples
+  return [ex if "caption" in ex else {**ex, "caption": "", "_caption_fallback": True}
+          for ex in examples]
+
+
 def collate(examples: Sequence[dict]) -> dict:
   """Stacks example dicts into a batch: arrays stacked, str fields as object arrays of str."""
+  examples = _fill_missing_captions(examples)
   keys = list(examples[0])
   for ex in examples[1:]:
     if set(ex) != set(keys):

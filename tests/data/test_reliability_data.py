@@ -173,9 +173,6 @@ def test_too_many_bad_arrayrecord_records_raise_naming_examples(tmp_path):
 
 @pytest.mark.reliability(fault="ArrayRecord record without a 'caption' field (others have one)",
                          expected="empty caption, counted (like a None caption)")
-@pytest.mark.xfail(strict=True, raises=DataError,
-                   reason="the batch collation stops with 'records of one batch have different "
-                          "fields' instead of treating the absent field as a missing caption")
 def test_arrayrecord_record_without_caption_field(tmp_path):
   with ShardWriter(str(tmp_path), "train", records_per_shard=100) as writer:
     for i in range(N_GOOD + 1):
