@@ -5,7 +5,9 @@ Every model calls `dot_product_attention(q, k, v, mask=..., impl=...)` with q/k/
   'xla'    plain einsum + softmax (float32 softmax), any backend; the numerics reference.
   'cudnn'  `jax.nn.dot_product_attention`: the cuDNN flash kernel on GPU (which needs float16 or
            bfloat16 inputs), jax's own XLA implementation of the same function elsewhere.
-  'splash' the Pallas splash kernel on TPU; raises NotImplementedError on other backends.
+  'splash' the Pallas splash kernel on TPU; raises NotImplementedError on other backends (no
+           fallback). `splash_attention(..., interpret=True)` runs the same kernel in Pallas'
+           interpret mode on any backend (slow: for numerics tests).
 Grouped-query attention (fewer key/value heads than query heads) is supported by all three.
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                         implementation=implementation)
   if impl == "splash":
-    return _splash_attention(q, k, v, mask, scale)
+    return splash_attention(q, k, v, mask=mask, scale=scale)
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLEMENTATIONS}")
 
 
@@ -82,8 +84,14 @@ def _xla_attention(q, k, v, mask, scale):
   return jnp.transpose(out, (0, 2, 1, 3)).astype(q.dtype)
 
 
-def _splash_attention(q, k, v, mask, scale):
-  if jax.default_backend() != "tpu":
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+                     scale: float, interpret: bool = False) -> jax.Array:
+  """The 'splash' implementation (arguments as `dot_product_attention`, scale required).
+
+  interpret: run the Pallas kernel in interpret mode, which works on any backend; otherwise a
+  TPU backend is required.
+  """
+  if not interpret and jax.default_backend() != "tpu":
     raise NotImplementedError(
         f"attention impl 'splash' is a TPU Pallas kernel; backend is {jax.default_backend()!r}. "
         "Use impl='xla' or 'cudnn'.")
@@ -109,7 +117,7 @@ def _splash_attention(q, k, v, mask, scale):
   kv_seg = (jnp.arange(kv_len + kv_pad) >= kv_len).astype(jnp.int32)
   segments = sk.SegmentIds(q=q_seg, kv=kv_seg)
   full = sm.MultiHeadMask([sm.FullMask((q_len + q_pad, kv_len + kv_pad))] * heads)
-  kernel = sk.make_splash_mha(full, head_shards=1, q_seq_shards=1)
+  kernel = sk.make_splash_mha(full, head_shards=1, q_seq_shards=1, interpret=interpret)
   to_hsd = lambda x: jnp.swapaxes(x, 0, 1)  # (seq, heads, d) -> (heads, seq, d)
   out = jax.vmap(lambda a, b, c: kernel(to_hsd(a), to_hsd(b), to_hsd(c), segment_ids=segments))(
       qt, kt, vt)

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from psvae_jax.models import remat as remat_lib
 from psvae_jax.models.attention import dot_product_attention
 from psvae_jax.models.ddt_head import DDTHead, DDTHeadConfig, RMSNorm
 from psvae_jax.models.vit import Mlp, PatchEmbed
@@ -61,12 +62,6 @@ Dtype = Any
 
 POS_EMBED_TYPES = ("sincos", "learned")
 QK_NORMS = (None, "rms_norm")
-# Named rematerialisation policies: name -> jax.checkpoint policy (None = save nothing).
-REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 TIMESTEP_SCALE = 1000.0  # diffusers' SD3 convention: the model sees t * 1000
 
 
@@ -440,16 +435,14 @@ class MMDiT(nnx.Module):
   """The MMDiT generator; `__call__` follows diffusers' SD3Transformer2DModel with NHWC latents.
 
   scan_layers stacks runs of identical blocks and runs them with `nnx.scan` (same outputs as
-  the unrolled list); remat_policy in REMAT_POLICIES (or None) recomputes block activations in
-  the backward pass under that named policy.
+  the unrolled list); remat_policy, a name from `psvae_jax.models.remat` ('' or None: none),
+  recomputes block activations in the backward pass under that policy.
   """
 
   def __init__(self, config: MMDiTConfig, *, scan_layers: bool = False,
                remat_policy: str | None = None, attention_impl: str = "xla",
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    if remat_policy is not None and remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"unknown remat_policy {remat_policy!r}; expected None or one of "
-                       f"{sorted(REMAT_POLICIES)}")
+    remat_policy = remat_lib.policy_name(remat_policy, what="remat_policy")
     self.config = config
     self.scan_layers = scan_layers
     self.remat_policy = remat_policy
@@ -551,8 +544,7 @@ class MMDiT(nnx.Module):
     def body(block, carry):
       return block(carry[0], carry[1], cond_act, mask)
 
-    if self.remat_policy is not None:
-      body = nnx.remat(body, policy=REMAT_POLICIES[self.remat_policy])
+    body = remat_lib.nnx_checkpoint(body, self.remat_policy)
     carry = (txt, img)
     if self.scan_layers:
       for group in self.block_groups:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from psvae_jax.models import remat as remat_lib
 from psvae_jax.models.attention import dot_product_attention
 from psvae_jax.sharding import constrain
 
@@ -154,9 +155,6 @@ def _apply(block: nnx.Module, x: jax.Array) -> jax.Array:
   return block(x)
 
 
-_apply_remat = nnx.remat(_apply)
-
-
 class PixelDecoder(nnx.Module):
   """LDM decoder: latent (B, h, w, z_channels) -> image (B, H, W, out_ch), NHWC.
 
@@ -172,7 +170,8 @@ class PixelDecoder(nnx.Module):
     use_post_quant_conv: a 1x1 z -> z conv first (diffusers' `use_post_quant_conv`).
     mid_attention: self-attention in the mid block (diffusers' `mid_block_add_attention`).
     norm_groups: GroupNorm groups (32).
-    remat: rematerialise each block (mid block, every ResNet/attention/upsampler) in backprop.
+    remat: rematerialise each block (mid block, every ResNet/attention/upsampler) in backprop:
+      True = 'full', or a policy name from `psvae_jax.models.remat`.
     attention_impl: see `psvae_jax.models.attention`. The attention is single-head with
       head_dim = the level's width (512 for kl-f16, over 16x16 = 256 positions); 'xla' is the
       safe choice, cuDNN's fused kernel limits head_dim (128/256) and may reject it.
@@ -183,7 +182,7 @@ class PixelDecoder(nnx.Module):
                ch_mult: Sequence[int] = (1, 1, 2, 2, 4), num_res_blocks: int = 2,
                attn_resolutions: Sequence[int] = (16,), resolution: int = 256, *,
                use_post_quant_conv: bool = False, mid_attention: bool = True,
-               norm_groups: int = 32, remat: bool = False, attention_impl: str = "xla",
+               norm_groups: int = 32, remat: bool | str = False, attention_impl: str = "xla",
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     levels = len(ch_mult)
     if levels < 1:
@@ -195,7 +194,7 @@ class PixelDecoder(nnx.Module):
                        f"with {levels} levels (level resolutions {level_res})")
     self.z_channels = z_channels
     self.num_levels = levels
-    self.remat = remat
+    self.remat = remat_lib.policy_name(remat)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.post_quant_conv = conv(z_channels, z_channels, 1, **kw) if use_post_quant_conv else None
     block_in = ch * ch_mult[-1]
@@ -216,7 +215,7 @@ class PixelDecoder(nnx.Module):
     self.conv_out = conv(block_in, out_ch, 3, **kw)
 
   def _run(self, block: nnx.Module, x: jax.Array) -> jax.Array:
-    return _apply_remat(block, x) if self.remat else block(x)
+    return remat_lib.nnx_checkpoint(_apply, self.remat)(block, x)
 
   def decode_features(self, z: jax.Array) -> jax.Array:
     """Everything before `conv_out`: the activation after the final GroupNorm + SiLU.

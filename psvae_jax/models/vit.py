@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from psvae_jax.models import remat as remat_lib
 from psvae_jax.models.attention import dot_product_attention
 from psvae_jax.models.resize import resize_bicubic
 from psvae_jax.sharding import constrain
@@ -181,17 +182,17 @@ class TransformerStack(nnx.Module):
 
   scan_layers=True stores the blocks' parameters stacked on a leading 'layers' axis (created
   with `nnx.vmap`) and runs them with a scan (one compiled block: fast compiles for deep
-  models); remat=True
-  recomputes each block's activations in the backward pass. Both give the same outputs as the
-  default unrolled list.
+  models); remat (True = 'full', or a policy name from `psvae_jax.models.remat`) recomputes
+  each block's activations in the backward pass. Both give the same outputs as the default
+  unrolled list.
   """
 
   def __init__(self, num_layers: int, dim: int, num_heads: int, mlp_dim: int, *,
-               scan_layers: bool = False, remat: bool = False, rngs: nnx.Rngs,
+               scan_layers: bool = False, remat: bool | str = False, rngs: nnx.Rngs,
                **block_kwargs):
     self.num_layers = num_layers
     self.scan_layers = scan_layers
-    self.remat = remat
+    self.remat = remat_lib.policy_name(remat)
     make = lambda r: TransformerBlock(dim, num_heads, mlp_dim, rngs=r, **block_kwargs)
     if scan_layers:
       @nnx.split_rngs(splits=num_layers)
@@ -207,28 +208,27 @@ class TransformerStack(nnx.Module):
                         scanned=self.scan_layers, remat=self.remat)
 
 
-def apply_layers(layers, x: jax.Array, call, *, scanned: bool, remat: bool) -> jax.Array:
+def apply_layers(layers, x: jax.Array, call, *, scanned: bool, remat: bool | str) -> jax.Array:
   """Runs `h = call(layer, h)` over a stack of NNX layers.
 
   The layers are split into (graphdef, state) and re-merged inside plain `jax.lax.scan` /
   `jax.checkpoint`, so the stack also runs inside transforms whose trace differs from the one
   the parameters live in (e.g. a jitted loss differentiated only w.r.t. its inputs).
   scanned: `layers` is one module whose parameters have a leading layer axis; otherwise an
-  iterable of modules.
+  iterable of modules. remat: a bool or policy name (`psvae_jax.models.remat`).
   """
   def step(graphdef, state, h):
     return call(nnx.merge(graphdef, state), h)
 
   if scanned:
     graphdef, state = nnx.split(layers)
-    body = lambda state, h: step(graphdef, state, h)
-    if remat:
-      body = jax.checkpoint(body)
+    body = remat_lib.checkpoint(lambda state, h: step(graphdef, state, h), remat)
     return jax.lax.scan(lambda h, s: (body(s, h), None), x, state)[0]
+  remat = remat_lib.policy_name(remat)
   for layer in layers:
     if remat:
       graphdef, state = nnx.split(layer)
-      x = jax.checkpoint(lambda s, h, g=graphdef: step(g, s, h))(state, x)
+      x = remat_lib.checkpoint(lambda s, h, g=graphdef: step(g, s, h), remat)(state, x)
     else:
       x = call(layer, x)
   return x

@@ -252,4 +252,4 @@ class AutoencoderTask(Task):
     self.latent_stats = extras.get("latent_stats") or self.latent_stats
 
   def flops_per_example(self) -> float:
-    return common.svae_train_flops(self.config.model)
+    return common.autoencoder_train_flops(self.config, self.stage)

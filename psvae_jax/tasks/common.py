@@ -11,7 +11,7 @@ from flax import nnx
 
 from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax.config_base import ConfigError
-from psvae_jax.models import encoders
+from psvae_jax.models import encoders, flops_conv
 from psvae_jax.models.svae import SemanticVAE
 
 
@@ -95,20 +95,81 @@ def vit_forward_flops(width: int, depth: int, mlp_dim: int, tokens: int, *,
   return float(depth * per_layer)
 
 
-def svae_train_flops(model_config) -> float:
-  """Frozen encoder forward + semantic VAE forward and backward (3x forward), per example."""
+def resize_flops(in_hw: tuple[int, int], out_hw: tuple[int, int], channels: int) -> float:
+  """The separable bicubic resize (`models.resize.resize_bicubic`, height first) of one image."""
+  (hi, wi), (ho, wo) = in_hw, out_hw
+  flops = 2 * ho * hi * wi * channels if hi != ho else 0
+  flops += 2 * wo * wi * ho * channels if wi != wo else 0
+  return float(flops)
+
+
+def _encoder_flops_parts(model_config, image_size: int) -> tuple[float, float, float]:
+  """(bicubic resize, patch embedding, transformer) forward FLOPs on one image."""
   c = encoder_config(model_config)
-  grid = model_config.encoder_resolution // c.patch_size
-  tokens = grid * grid
-  gated = c.mlp_type == "swiglu"
-  encoder = vit_forward_flops(c.width, c.depth, c.mlp_dim, tokens + c.num_prefix_tokens,
-                              gated=gated)
-  encoder += 2 * tokens * c.patch_size**2 * c.num_channels * c.width
-  blocks = 2 * vit_forward_flops(c.width, model_config.svae_depth, c.mlp_dim, tokens, gated=gated)
+  res = model_config.encoder_resolution
+  tokens = (res // c.patch_size) ** 2
+  resize = resize_flops((image_size, image_size), (res, res), c.num_channels)
+  patches = float(2 * tokens * c.patch_size**2 * c.num_channels * c.width)
+  blocks = vit_forward_flops(c.width, c.depth, c.mlp_dim, tokens + c.num_prefix_tokens,
+                             gated=c.mlp_type == "swiglu")
+  return resize, patches, blocks
+
+
+def encoder_forward_flops(model_config, image_size: int) -> float:
+  """The representation encoder on one `image_size` image: bicubic resize to
+  `encoder_resolution`, patch embedding and the transformer (prefix tokens included)."""
+  return sum(_encoder_flops_parts(model_config, image_size))
+
+
+def svae_forward_flops(model_config) -> float:
+  """E_s and D_s (blocks and projection MLPs) on one example's feature grid."""
+  c = encoder_config(model_config)
+  tokens = (model_config.encoder_resolution // c.patch_size) ** 2
+  blocks = 2 * vit_forward_flops(c.width, model_config.svae_depth, c.mlp_dim, tokens,
+                                 gated=c.mlp_type == "swiglu")
   c_lat = model_config.latent_channels
   projections = 2 * tokens * (c.width * c.width + c.width * 2 * c_lat  # E_s MLP
                               + c_lat * c.width + c.width * c.width)  # D_s MLP
-  return encoder + 3 * (blocks + projections)
+  return blocks + projections
+
+
+def autoencoder_train_flops(config, stage: str) -> float:
+  """FLOPs of one S-VAE ('svae') or PS-VAE ('psvae') training step, per example.
+
+  Backward = 2x forward for trained networks; for networks whose weights are not trained but
+  whose input gradient is needed (LPIPS, the generator's view of the discriminator) it is 1x
+  forward. Terms, as `autoencoder.autoencoder_loss` runs them:
+    encoder: forward (S-VAE, frozen) or forward + backward, plus the teacher's forward (PS-VAE)
+    semantic VAE and pixel decoder: forward + backward
+    LPIPS on (x, x_rec): forward + gradient to x_rec
+    with the discriminator: the adaptive weight's two last-layer gradients (conv_out, LPIPS and
+    the discriminator again), the generator term through the discriminator, and the
+    discriminator's own forward + backward on real and reconstructed images.
+  """
+  if stage not in ("svae", "psvae"):
+    raise ValueError(f"stage must be 'svae' or 'psvae', got {stage!r}")
+  m, lc = config.model, config.loss
+  c = encoder_config(m)
+  grid = m.encoder_resolution // c.patch_size
+  resize, patches, blocks = _encoder_flops_parts(m, config.data.image_size)
+  flops = resize + patches + blocks
+  if stage == "psvae":
+    # The teacher's forward; the encoder's backward (no gradient for the pixels themselves).
+    flops += resize + patches + blocks + patches + 2 * blocks
+  flops += 3 * svae_forward_flops(m)
+  body, out = flops_conv.pixel_decoder_config_flops(m.pixel_decoder, (grid, grid),
+                                                    z_channels=m.latent_channels)
+  flops += 3 * (body + out)
+  size = grid * 2 ** (len(m.pixel_decoder.ch_mult) - 1)
+  lpips = flops_conv.lpips_forward_flops(size, size) if lc.perceptual_weight > 0 else 0
+  flops += 2 * lpips
+  d = m.discriminator
+  if d.enabled:
+    disc = flops_conv.patchgan_forward_flops(size, size, ndf=d.ndf, n_layers=d.n_layers)
+    flops += 2 * (2 * out) + 2 * lpips + 2 * disc  # adaptive weight
+    flops += 2 * disc  # generator term
+    flops += 2 * 3 * disc  # discriminator on real and reconstructed images
+  return float(flops)
 
 
 def fill_subtree(params: nnx.State, prefix: str, source: nnx.State, *, what: str) -> nnx.State:
