@@ -8,6 +8,7 @@ TASKS = {
     "svae": ("psvae_jax.tasks.svae", "SVAETask"),
     "psvae": ("psvae_jax.tasks.psvae", "PSVAETask"),
     "t2i": ("psvae_jax.tasks.t2i", "T2ITask"),
+    "edit": ("psvae_jax.tasks.edit", "EditTask"),
 }
 
 

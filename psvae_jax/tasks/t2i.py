@@ -115,7 +115,9 @@ def generator_config(config) -> mmdit.MMDiTConfig:
 class T2IModel(nnx.Module):
   """Generator (trainable) + text encoder, PS-VAE encoder/E_s/pixel decoder, latent stats."""
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
+  def __init__(self, config, *, rngs: nnx.Rngs, generator: mmdit.MMDiTConfig | None = None):
+    """`generator`: the MMDiT shape (default `generator_config(config)`; editing adds its
+    source embedding)."""
     m, ae = config.model, config.model.autoencoder
     dtype = common.compute_dtype(config)
     kw = dict(dtype=dtype, attention_impl=config.attention_impl, rngs=rngs)
@@ -128,7 +130,8 @@ class T2IModel(nnx.Module):
     self.svae.dec_proj = None
     self.pixel_decoder = pixel_decoder_from_config(ae, **kw)
     self.latent_norm = LatentNorm(ae.latent_channels)
-    self.generator = mmdit.MMDiT(generator_config(config), scan_layers=m.scan_layers,
+    self.generator = mmdit.MMDiT(generator or generator_config(config),
+                                 scan_layers=m.scan_layers,
                                  remat_policy=m.remat_policy or None, **kw)
 
 
@@ -340,7 +343,7 @@ class T2ITask(Task):
     self._sample_fns: dict = {}
 
   def build_model(self, rngs: nnx.Rngs) -> T2IModel:
-    return T2IModel(self.config, rngs=rngs)
+    return T2IModel(self.config, rngs=rngs, generator=self.generator)
 
   # --- init ------------------------------------------------------------------------------
   def check_fresh_start(self) -> None:
