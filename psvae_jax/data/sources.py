@@ -2,6 +2,7 @@
 
 Spec forms (parse_source):
 - 'synthetic:shapes'  the built-in shapes world (image, caption, label, scene);
+- 'synthetic:single'  the same world with one object per scene (same fields);
 - 'synthetic:edits'   edit pairs of that world (source_image, image = target, instruction,
                       edit_mask, edit_kind, caption, label, scene);
 - 'folder:PATH'       images under PATH (recursive; jpg/jpeg/png/webp/bmp) with optional captions
@@ -30,7 +31,7 @@ from psvae_jax.data.errors import BadRecord, DataError
 from psvae_jax.data.shards import decode_record
 
 SCHEMES = ("synthetic", "folder", "arrayrecord", "tfds")
-SYNTHETIC_KINDS = ("shapes", "edits")
+SYNTHETIC_KINDS = ("shapes", "single", "edits")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTIONS_FILE = "captions.jsonl"
 MAX_FILE_BYTES = 256 << 20  # an image file larger than this is skipped unread
@@ -76,7 +77,8 @@ class SyntheticSource:
     if length < 1:
       raise DataError(f"synthetic:{kind} needs a positive length, got {length}")
     self.kind, self.start, self.length, self.image_size = kind, start, length, image_size
-    self._make = synthetic.shapes_example if kind == "shapes" else synthetic.edits_example
+    self._make = {"shapes": synthetic.shapes_example, "single": synthetic.single_example,
+                  "edits": synthetic.edits_example}[kind]
 
   def __len__(self):
     return self.length

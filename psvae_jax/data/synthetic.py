@@ -295,14 +295,23 @@ def _mask_of(objects, size: int, *, antialias: bool = True) -> np.ndarray:
 
 
 def example_rng(index: int, stream: int, seed: int = WORLD_SEED) -> np.random.Generator:
-  """The generator behind example `index` of a stream (0 = shapes, 1 = edits)."""
+  """The generator behind example `index` of a stream (0 = shapes, 1 = edits, 2 = single)."""
   return np.random.default_rng((seed, stream, index))
 
 
 def shapes_example(index: int, size: int, *, seed: int = WORLD_SEED) -> dict:
   """Example `index` of the shapes world: image, caption (half with positions), label, scene."""
-  rng = example_rng(index, 0, seed)
-  scene = sample_scene(rng)
+  return _captioned_example(example_rng(index, 0, seed), size, MAX_OBJECTS)
+
+
+def single_example(index: int, size: int, *, seed: int = WORLD_SEED) -> dict:
+  """Example `index` of the single-object shapes world (its own stream): the fields of
+  `shapes_example`, every scene holding exactly one object."""
+  return _captioned_example(example_rng(index, 2, seed), size, 1)
+
+
+def _captioned_example(rng: np.random.Generator, size: int, max_objects: int) -> dict:
+  scene = sample_scene(rng, max_objects=max_objects)
   with_positions = bool(rng.integers(2))
   return {"image": render(scene, size), "caption": caption(scene, positions=with_positions),
           "label": scene.label, "scene": scene.to_json()}

@@ -1,0 +1,61 @@
+"""A tiny T2I run's workdir, written as a finished run leaves it (config, state, EMA, latent
+statistics) from the task's own layout with random host-side values: compiling a training step
+here would dominate the tool tests that only read a run."""
+import jax
+import numpy as np
+
+from psvae_jax import checkpoint as ckpt_lib
+from psvae_jax import sharding
+from psvae_jax import train_state as ts
+from psvae_jax.config_base import to_json
+from psvae_jax.config_loader import load_config, set_by_path
+from psvae_jax.tasks import get_task
+
+STEP = 3
+
+
+def tiny_t2i_config(**overrides):
+  """configs/t2i.py:smoke with the smallest autoencoder that decodes a 4x4 latent to 64 px."""
+  config = load_config("configs/t2i.py:smoke")
+  ae = config.model.autoencoder
+  ae.svae_depth = 1
+  ae.latent_channels = 8
+  ae.pixel_decoder.ch = 8
+  ae.pixel_decoder.ch_mult = (1, 1, 1, 1, 1)  # 4x4 -> 64x64
+  ae.pixel_decoder.num_res_blocks = 0
+  ae.pixel_decoder.attn_resolutions = ()
+  ae.pixel_decoder.norm_groups = 4
+  config.model.ddt_head = False
+  config.model.max_text_len = 48
+  config.model.require_autoencoder = False
+  config.data.source = "synthetic:single"
+  config.data.synthetic_size = 64
+  config.data.eval_size = 16
+  config.batch_size = 8
+  config.flow.sample_steps = 2
+  config.logging.tensorboard = False
+  for key, value in overrides.items():
+    set_by_path(config, key, value)
+  return config
+
+
+def write_t2i_run(workdir: str, **overrides):
+  """Writes the run's checkpoint at STEP; returns its config."""
+  config = tiny_t2i_config(**overrides)
+  task = get_task(config)
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  fill = lambda a: jax.device_put(
+      (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), a.sharding)
+  channels = config.model.autoencoder.latent_channels
+  stats = {"mean": [0.1 * i for i in range(channels)],
+           "std": [0.5 + 0.1 * i for i in range(channels)]}
+  with jax.set_mesh(mesh):
+    layout = ts.make_layout(task, config, mesh)
+    state = jax.tree.map(fill, layout.abstract_state)
+    ema = jax.tree.map(fill, layout.abstract_ema)
+    writer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)
+    writer.save(STEP, state=state, ema=ema, config_json=to_json(config),
+                extras={"latent_stats": stats})
+    writer.close()
+  return config
