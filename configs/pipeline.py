@@ -5,6 +5,13 @@ Re-running the same command resumes: finished stages are skipped, an interrupted
 Smoke (CPU; every stage's smoke preset; sample PNGs under WORKDIR/t2i/samples):
   python -m psvae_jax.main --config=configs/pipeline.py:smoke --workdir=/tmp/psvae/pipeline
 
+Toy (CPU, S-VAE -> PS-VAE -> T2I on single-object synthetic scenes, each stage's toy preset),
+then the compositional score of the T2I run and of a random-init generator:
+  python -m psvae_jax.main --config=configs/pipeline.py:toy --workdir=/tmp/psvae/toy
+  python -m psvae_jax.tools.eval_t2i --workdir=/tmp/psvae/toy/t2i
+  python -m psvae_jax.tools.eval_t2i --workdir=/tmp/psvae/toy/t2i --random_init
+Expected: TOY_EXPECTED
+
 Paper scale (each stage's paper preset; pass the converted encoder, LPIPS and text encoder):
   python -m psvae_jax.main --config=configs/pipeline.py --workdir=gs://BUCKET/run \
       --config.overrides="('svae.init=/ckpt/dinov2_b14_reg', \
@@ -18,12 +25,15 @@ import ml_collections
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "pipeline"
-  suffix = {"": "", "smoke": ":smoke"}
+  suffix = {"": "", "smoke": ":smoke", "toy": ":toy"}
   if preset not in suffix:
-    raise ValueError(f"unknown preset {preset!r} for configs/pipeline.py; known: '', 'smoke'")
+    raise ValueError(f"unknown preset {preset!r} for configs/pipeline.py; known: '', 'smoke', "
+                     "'toy'")
   tag = suffix[preset]
   # 'name=config[:preset]', run in this order; each stage's init defaults to the previous
   # stage's workdir.
   c.stages = (f"svae=configs/svae.py{tag}", f"psvae=configs/psvae.py{tag}")
+  if preset == "toy":
+    c.stages += ("t2i=configs/t2i.py:toy",)
   c.overrides = ()
   return c.lock()

@@ -12,7 +12,8 @@ Paper scale (ImageNet-1K, batch 96, lr 1e-4, from the converged S-VAE):
 Expected (ImageNet val 256, paper Table): rFID 0.203, PSNR 28.79, LPIPS 0.085, SSIM 0.817.
 
 Presets: '' (paper, DINOv2-B/14-reg), 'siglip2' (SigLIP2-so400m/14, pixel weight 0.05),
-'smoke' (tiny random encoder, synthetic shapes, 64 px, CPU).
+'smoke' (tiny random encoder, synthetic shapes, 64 px, CPU), 'toy' (second stage of the toy
+text-to-image chain: single-object scenes, 16x16x8 latent, L1 only; see configs/pipeline.py:toy).
 """
 import ml_collections
 
@@ -54,7 +55,15 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.eval_every = 20
     c.checkpoint_every = 20
     c.sample_every = 0
+  elif preset == "toy":
+    autoencoder_config.toy_overrides(c)
+    c.model.require_pretrained_encoder = False
+    c.latent_stats_batches = 16
+    c.total_steps = 1500
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.sample_every = 0
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/psvae.py; known: '', 'siglip2', "
-                     "'smoke'")
+                     "'smoke', 'toy'")
   return c.lock()

@@ -11,7 +11,9 @@ Paper scale (ImageNet-1K from TFDS, batch 96, lr 1e-4; convert the encoder once 
 Expected: held-out semantic cosine > 0.9; through the evaluation pixel decoder the paper
 reports S-VAE rFID 1.41, PSNR 17.8, SSIM 0.39 on ImageNet val.
 
-Presets: '' (paper), 'smoke' (tiny random encoder, synthetic shapes, 64 px, CPU).
+Presets: '' (paper), 'smoke' (tiny random encoder, synthetic shapes, 64 px, CPU), 'toy' (first
+stage of the toy text-to-image chain on single-object scenes, 16x16x8 latent; run it through
+configs/pipeline.py:toy).
 """
 import ml_collections
 
@@ -47,6 +49,13 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.eval_every = 30
     c.checkpoint_every = 30
     c.sample_every = 0
+  elif preset == "toy":
+    autoencoder_config.toy_overrides(c)
+    c.total_steps = 200
+    c.eval_every = 0
+    c.checkpoint_every = 200
+    c.sample_every = 0
   elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/svae.py; known: '', 'smoke'")
+    raise ValueError(f"unknown preset {preset!r} for configs/svae.py; known: '', 'smoke', "
+                     "'toy'")
   return c.lock()

@@ -26,7 +26,12 @@ parallelism; on 8 / 16 / 32 devices pass e.g. --config.batch_size=736.
 Training on cached latents and text states (the cache tool's shards): add
 --config.model.cached_inputs=True and point data.source at the cache.
 
-Presets: '' (paper base, ~650M), 'large' (~1.7B), 'smoke' (CPU).
+Toy (CPU; the whole chain on single-object scenes, then its compositional score; see
+configs/pipeline.py:toy for the one-command version and the expected numbers):
+  python -m psvae_jax.main --config=configs/pipeline.py:toy --workdir=/tmp/psvae/toy
+  python -m psvae_jax.tools.eval_t2i --workdir=/tmp/psvae/toy/t2i
+
+Presets: '' (paper base, ~650M), 'large' (~1.7B), 'smoke' (CPU), 'toy' (CPU, scored).
 """
 import ml_collections
 
@@ -39,12 +44,15 @@ _AUTOENCODER_KEYS = ("encoder", "encoder_resolution", "svae_depth", "latent_chan
                      "scan_layers", "remat", "pixel_decoder")
 
 
-def _autoencoder_section(smoke: bool) -> ml_collections.ConfigDict:
-  """The model section of configs/psvae.py (paper or smoke), limited to _AUTOENCODER_KEYS."""
+def _autoencoder_section(preset: str = "") -> ml_collections.ConfigDict:
+  """The model section of configs/psvae.py ('' paper, 'smoke' or 'toy'), limited to
+  _AUTOENCODER_KEYS."""
   c = base_config("psvae")
   c.model = autoencoder_config.model_config()
   c.loss = autoencoder_config.loss_config()
-  if smoke:
+  if preset == "toy":
+    autoencoder_config.toy_overrides(c)
+  elif preset == "smoke":
     autoencoder_config.smoke_overrides(c)
   return ml_collections.ConfigDict({k: c.model[k] for k in _AUTOENCODER_KEYS})
 
@@ -76,7 +84,7 @@ def model_config() -> ml_collections.ConfigDict:
   # True: data.source yields cached 'latent' / 'text_states' / 'text_mask' arrays (the frozen
   # encoders are then not run, nor counted in FLOPs).
   m.cached_inputs = False
-  m.autoencoder = _autoencoder_section(smoke=False)
+  m.autoencoder = _autoencoder_section()
   return m
 
 
@@ -118,25 +126,38 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   if preset == "large":
     c.model.generator = "large"
-  elif preset == "smoke":
+  elif preset in ("smoke", "toy"):
+    # Tiny MMDiT, random frozen tiny text encoder, byte tokens, synthetic 64 px scenes.
     c.model.generator = "tiny"
     c.model.text_encoder = "tiny"
     c.model.tokenizer = "bytes"
-    c.model.max_text_len = 144  # the longest synthetic caption (143 bytes) + end of text
-    c.model.require_pretrained = False  # random tiny text encoder
-    c.model.autoencoder = _autoencoder_section(smoke=True)  # = configs/psvae.py:smoke
-    c.data.source = "synthetic:shapes"
+    c.model.require_pretrained = False
+    c.model.autoencoder = _autoencoder_section(preset)  # = configs/psvae.py:<preset>
     c.data.image_size = 64
-    c.batch_size = 16
-    c.total_steps = 40
     c.optim.lr = 1e-3
-    c.optim.ema_decay = 0.9  # short run: the EMA must move within tens of steps
-    c.log_every = 10
-    c.eval_every = 20
-    c.eval_batches = 2
-    c.checkpoint_every = 20
     c.sample_every = 0  # the sample grid is written at the end
+    if preset == "smoke":
+      c.model.max_text_len = 144  # the longest synthetic caption (143 bytes) + end of text
+      c.data.source = "synthetic:shapes"
+      c.batch_size = 16
+      c.total_steps = 40
+      c.optim.ema_decay = 0.9  # short run: the EMA must move within tens of steps
+      c.log_every = 10
+      c.eval_every = 20
+      c.eval_batches = 2
+      c.checkpoint_every = 20
+    else:  # single-object scenes, scored by `python -m psvae_jax.tools.eval_t2i`
+      c.model.max_text_len = 40  # the longest single-object caption (38 bytes) + end of text
+      c.data.source = "synthetic:single"
+      c.batch_size = 32
+      c.total_steps = 1500
+      c.optim.ema_decay = 0.99
+      c.flow.sample_steps = 25
+      c.flow.cfg_scale = 3.0
+      c.log_every = 100
+      c.eval_every = 0
+      c.checkpoint_every = 500
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/t2i.py; known: '', 'large', "
-                     "'smoke'")
+                     "'smoke', 'toy'")
   return c.lock()

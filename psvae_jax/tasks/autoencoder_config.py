@@ -59,3 +59,22 @@ def smoke_overrides(c: ml_collections.ConfigDict) -> None:
   c.optim.ema_decay = 0.9  # short runs: EMA weights must move within tens of steps
   c.log_every = 10
   c.eval_batches = 2
+
+
+def toy_overrides(c: ml_collections.ConfigDict) -> None:
+  """The smoke shapes adapted to reconstruct single-object synthetic scenes cleanly enough for
+  the synthetic detector (the toy text-to-image chain, configs/*.py:toy); L1 only (no LPIPS,
+  no GAN)."""
+  smoke_overrides(c)
+  c.data.source = "synthetic:single"
+  # A 16x16 latent (4 px per token): the decoder paints objects locally. From an 8x8 or 4x4
+  # latent, L1 keeps drawing the empty grey background (the median of pixels an object rarely
+  # covers) for well over a thousand steps.
+  c.model.encoder_resolution = 224
+  c.model.latent_channels = 8
+  c.model.pixel_decoder.ch_mult = (1, 1, 2)  # 16x16 -> 64x64
+  c.model.pixel_decoder.attn_resolutions = ()
+  c.model.discriminator.enabled = False
+  c.batch_size = 16
+  c.optim.ema_decay = 0.99
+  c.log_every = 50
