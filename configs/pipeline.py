@@ -2,7 +2,9 @@
 sub-workdir (WORKDIR/svae, WORKDIR/psvae, ...) initialised from the previous stage's workdir.
 Re-running the same command resumes: finished stages are skipped, an interrupted one continues.
 
-Smoke (CPU; every stage's smoke preset; sample PNGs under WORKDIR/t2i/samples):
+Smoke (CPU, S-VAE -> PS-VAE -> T2I -> edit with every stage's smoke preset, about 10 minutes
+on 2 idle cores; reconstruction grids under WORKDIR/{svae,psvae}/samples, generated images under
+WORKDIR/t2i/samples, (source | edited | target) strips under WORKDIR/edit/samples):
   python -m psvae_jax.main --config=configs/pipeline.py:smoke --workdir=/tmp/psvae/pipeline
 
 Toy (CPU, S-VAE -> PS-VAE -> T2I on single-object synthetic scenes, each stage's toy preset),
@@ -33,6 +35,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # 'name=config[:preset]', run in this order; each stage's init defaults to the previous
   # stage's workdir.
   c.stages = (f"svae=configs/svae.py{tag}", f"psvae=configs/psvae.py{tag}")
+  if preset in ("", "smoke"):
+    c.stages += (f"t2i=configs/t2i.py{tag}", f"edit=configs/edit.py{tag}")
   if preset == "toy":
     c.stages += ("t2i=configs/t2i.py:toy",)
   c.overrides = ()

@@ -16,6 +16,7 @@ TINY = ("model.svae_depth=1", "model.latent_channels=8", "model.pixel_decoder.ch
 
 def _config():
   config = load_config("configs/pipeline.py:smoke")
+  config.stages = config.stages[:2]  # S-VAE -> PS-VAE: the chaining logic at the least cost
   config.overrides = tuple(f"{stage}.{item}" for stage in ("svae", "psvae") for item in TINY) + (
       "psvae.latent_stats_batches=1", "psvae.loss.disc_start=1")
   return config
@@ -24,6 +25,8 @@ def _config():
 @pytest.mark.reliability(fault="pipeline override of an unknown stage or key",
                          expected="ConfigError / KeyError naming it")
 def test_stage_override_errors():
+  assert [s.split("=")[0] for s in load_config("configs/pipeline.py:smoke").stages] == [
+      "svae", "psvae", "t2i", "edit"]
   config = _config()
   config.overrides = ("nope.total_steps=1",)
   with pytest.raises(ConfigError, match="stage in \\['svae', 'psvae'\\]"):
