@@ -1,5 +1,7 @@
 """Editing stage: source tokens stay clean and carry no loss, condition dropout, two-scale
 guidance, text-to-image sampling from the edit model, initialisation from a T2I run."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,6 +242,28 @@ def test_prepare_batch_needs_edit_triplets(task_and_model):
   batch = edit_batch(task, 3)
   assert set(batch) == {"image", "source_image", "input_ids", "attention_mask"}
   assert batch["input_ids"].shape == (3, 24)
+
+
+def test_trainable_text_encoder(task_and_model):
+  task, model = task_and_model
+  mesh = sharding.make_mesh({"data": 1}, ONE_DEVICE)
+  batch = edit_batch(task)
+  for train in (False, True):
+    config = tiny_edit_config(**{"model.train_text_encoder": train})
+    trainable = get_task(config)
+    layout = ts.make_layout(trainable, config, mesh)
+    assert ("text_encoder" in layout.abstract_state["params"]) == train
+    assert "generator" in layout.abstract_state["params"]
+
+    graphdef, params, rest = nnx.split(model.text_encoder, nnx.Param, ...)
+
+    def states_sum(params, batch, trainable=trainable):
+      text_only = types.SimpleNamespace(text_encoder=nnx.merge(graphdef, params, rest))
+      return jnp.sum(trainable.text_condition(text_only, batch)[0])
+
+    grads = jax.jit(jax.grad(states_sum))(params, batch)
+    moved = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+    assert (moved > 0) == train  # frozen: stop_gradient; trained: the states carry gradient
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,9 @@ alone gives text guidance with the source, v(src, -) + s_txt (v(src, txt) - v(sr
 Initialisation (`config.init` = the T2I run's workdir): the generator from the run's EMA weights,
 the text encoder, the PS-VAE encoder / E_s / pixel decoder and the latent statistics from its
 (frozen) parameters; config.model must describe the same model (checked, differences named).
+The text encoder stays frozen (PAPER.md: a pretrained Qwen2.5) unless
+config.model.train_text_encoder, which trains it with the generator (toy runs, whose tiny text
+encoder is random: frozen, its states hardly tell the colour words apart).
 Without a source image (`generate` on a caption batch) the edit model samples text-to-image.
 """
 from __future__ import annotations
@@ -179,6 +182,9 @@ class EditTask(t2i.T2ITask):
       raise ConfigError(f"condition dropout probabilities must be in [0, 1] and sum to <= 1 "
                         f"(they are exclusive events): {probs}")
     self.generator = dataclasses.replace(self.generator, edit=True)
+    if config.model.train_text_encoder:
+      # The text encoder trains with the generator (toy runs, whose text encoder is random).
+      self.frozen_params = r"^(encoder|svae|pixel_decoder|latent_norm)\."
     self._edit_fns: dict = {}
 
   # --- init ------------------------------------------------------------------------------
@@ -218,6 +224,17 @@ class EditTask(t2i.T2ITask):
     ids, mask = tokenize(self.tokenizer, batch["instruction"], self.config.model.max_text_len)
     return {"image": np.asarray(batch["image"]), "source_image": np.asarray(batch["source_image"]),
             "input_ids": ids, "attention_mask": mask}
+
+  def text_condition(self, model, batch, drop: jax.Array | None = None):
+    """As T2ITask.text_condition; with config.model.train_text_encoder the states keep their
+    gradient (the text encoder trains)."""
+    if not self.config.model.train_text_encoder:
+      return super().text_condition(model, batch, drop)
+    ids, mask = batch["input_ids"], batch["attention_mask"].astype(jnp.int32)
+    if drop is not None:
+      ids = jnp.where(drop[:, None], jnp.asarray(self.empty_ids), ids)
+      mask = jnp.where(drop[:, None], jnp.asarray(self.empty_mask), mask)
+    return model.text_encoder(ids, mask).astype(jnp.float32), mask
 
   def source_latents(self, model, batch) -> jax.Array:
     """Normalised latents of the batch's source images."""
