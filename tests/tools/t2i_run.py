@@ -1,6 +1,6 @@
-"""A tiny T2I run's workdir, written as a finished run leaves it (config, state, EMA, latent
-statistics) from the task's own layout with random host-side values: compiling a training step
-here would dominate the tool tests that only read a run."""
+"""Tiny T2I and PS-VAE runs' workdirs, written as finished runs leave them (config, state, EMA,
+latent statistics) from the tasks' own layouts with random host-side values: compiling a
+training step here would dominate the tool tests that only read a run."""
 import jax
 import numpy as np
 
@@ -41,13 +41,18 @@ def tiny_t2i_config(**overrides):
 
 def write_t2i_run(workdir: str, **overrides):
   """Writes the run's checkpoint at STEP; returns its config."""
-  config = tiny_t2i_config(**overrides)
+  return write_run(workdir, tiny_t2i_config(**overrides))
+
+
+def write_run(workdir: str, config):
+  """Writes a checkpoint at STEP of `config`'s task with random values and latent statistics
+  for config.model.autoencoder (T2I) or config.model (PS-VAE); returns the config."""
   task = get_task(config)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   rng = np.random.default_rng(0)
   fill = lambda a: jax.device_put(
       (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), a.sharding)
-  channels = config.model.autoencoder.latent_channels
+  channels = config.model.get("autoencoder", config.model).latent_channels
   stats = {"mean": [0.1 * i for i in range(channels)],
            "std": [0.5 + 0.1 * i for i in range(channels)]}
   with jax.set_mesh(mesh):

@@ -14,7 +14,7 @@ from psvae_jax.tasks import get_task
 from psvae_jax.tools import cache_latents
 from psvae_jax.tools.restore_run import default_mesh, load_run_model
 
-from t2i_run import write_t2i_run
+from t2i_run import write_run, write_t2i_run
 
 ONE = jax.devices()[:1]
 
@@ -95,6 +95,29 @@ def _first_record(path):
     return reader.read([0])[0]
   finally:
     reader.close()
+
+
+def test_psvae_run_with_a_converted_text_encoder(tmp_path, svae_config):
+  from flax import nnx
+
+  from psvae_jax.models.text_encoder import build_text_encoder
+  from psvae_jax.ports.converted import save_converted
+
+  psvae_dir = str(tmp_path / "psvae")
+  config = svae_config()
+  config.task = "psvae"
+  write_run(psvae_dir, config)
+  text_dir = str(tmp_path / "text_encoder")
+  save_converted(build_text_encoder("tiny", rngs=nnx.Rngs(7)), text_dir, model_type="qwen2")
+  summary = cache_latents.cache_latents(
+      psvae_dir, "synthetic:shapes", str(tmp_path / "cache"), text_encoder="tiny",
+      text_encoder_init=text_dir, tokenizer="bytes", max_text_len=16, num_examples=3,
+      batch_size=4, mesh=default_mesh(ONE))
+  assert summary["run_task"] == "psvae" and summary["records"] == 3
+  assert summary["fields"]["latent"] == [4, 4, 8] and summary["fields"]["text_states"] == [16, 64]
+  record = data_lib.decode_record(_first_record(summary["shards"][0]))
+  assert record["latent"].shape == (4, 4, 8) and np.isfinite(record["latent"]).all()
+  assert int(record["text_mask"].sum()) == 16  # every synthetic caption is cut at 16 tokens
 
 
 def test_psvae_run_needs_a_pretrained_text_encoder(monkeypatch):
