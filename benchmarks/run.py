@@ -1,6 +1,12 @@
-"""Runs every benchmark and prints one table; writes it (and each benchmark's JSON) to --out.
+"""Runs every benchmark of a suite and prints one table (it and each benchmark's JSON: --out).
 
-  python -m benchmarks.run [--out=benchmarks/out] [--quick] [--only=NAME,NAME]
+  python -m benchmarks.run [--suite=cpu] [--out=benchmarks/out] [--quick] [--only=NAME,NAME]
+  python -m benchmarks.run --suite=gpu_paper [--out=benchmarks/out_gpu] [--batch=64] \
+      [--peak_tflops=N] [--set=attention_impl=cudnn ...]
+
+Suites (SUITES): 'cpu' (default) compares this project with the reference libraries at small
+sizes on this machine; 'gpu_paper' measures the paper-scale models on one accelerator (see
+below).
 
 Each benchmark runs as its own process (`python -m benchmarks.<module> ...`, its log and JSON
 under --out), so one benchmark's threads and compilation caches do not disturb the next. The
@@ -9,6 +15,21 @@ table has one row per measurement: what, this project, the reference (transforme
 ratio, achieved FLOP/s and MFU against this machine's measured float32 matmul peak (or the
 accelerator's datasheet peak). A benchmark that fails is reported and makes the command exit
 non-zero; the others still run.
+
+--suite=gpu_paper, on one device of the accelerator it runs on (per-device figures):
+  t2i_step    the T2I training step of configs/t2i.py (base MMDiT ~650M incl. the DDT head),
+              bf16 compute with float32 master weights (compute_dtype), random cached latents
+              and text states (model.cached_inputs: the frozen encoders are not in the step),
+              --batch per device (default 64; the paper's global batch is 730);
+  psvae_step  the PS-VAE stage-2 training step of configs/psvae.py, bf16, the paper's batch 96
+              on one device, synthetic 256 px images;
+  sampling    50 Euler steps with CFG 6.5 of the same T2I generator plus the pixel decoder,
+              bf16, 64 captions.
+The table gives step time, images/s, achieved TFLOP/s (the tasks' analytic FLOP counts), MFU
+against the device's dense bf16 datasheet peak (psvae_jax.perf, by jax device_kind; an
+accelerator not in that table is an error unless --peak_tflops is given) and the peak device
+memory. Target: T2I (MMDiT) step MFU >= 45% in bf16 on H100. --set forwards config overrides to
+the config-driven benchmarks (train_step, sampling).
 """
 from __future__ import annotations
 
@@ -19,9 +40,10 @@ import subprocess
 import sys
 import time
 
-from benchmarks.timing import format_rows, write_json
+from benchmarks.timing import format_bytes, format_rows, write_json
 
 # name -> (module, arguments, arguments with --quick). The JSON path is appended by `run_one`.
+# The 'cpu' suite.
 BENCHMARKS = {
     "encoder_forward": ("benchmarks.encoder_forward", [], ["--repeats=3", "--warmup=1"]),
     "mmdit_step": ("benchmarks.mmdit_step", [], ["--repeats=3", "--warmup=1"]),
@@ -33,21 +55,101 @@ BENCHMARKS = {
     "sampling": ("benchmarks.sampling", [], ["--repeats=1", "--steps=10"]),
     "input_pipeline": ("benchmarks.input_pipeline", [], ["--repeats=2", "--batches=3"]),
 }
+# The paper-scale models on one accelerator (module docstring). The randomly initialised frozen
+# parts (text encoder, PS-VAE) need no checkpoints: require_* off, byte tokens.
+_PAPER_T2I = ["--config=configs/t2i.py", "--set=compute_dtype=bfloat16",
+              "--set=model.require_autoencoder=False", "--set=model.require_pretrained=False",
+              "--set=model.tokenizer=bytes"]
+GPU_PAPER_BENCHMARKS = {
+    "t2i_step": ("benchmarks.train_step",
+                 [*_PAPER_T2I, "--set=model.cached_inputs=True", "--synthetic_cached",
+                  "--batch=64", "--warmup=2", "--repeats=10"],
+                 ["--warmup=1", "--repeats=3"]),
+    "psvae_step": ("benchmarks.train_step",
+                   ["--config=configs/psvae.py", "--set=compute_dtype=bfloat16",
+                    "--set=model.require_pretrained_encoder=False",
+                    "--set=data.source=synthetic:shapes", "--batch=96", "--warmup=2",
+                    "--repeats=5"],
+                   ["--warmup=1", "--repeats=2"]),
+    "sampling": ("benchmarks.sampling",
+                 [*_PAPER_T2I, "--set=data.source=synthetic:shapes", "--batch=64",
+                  "--steps=50", "--cfg_scale=6.5", "--warmup=1", "--repeats=3"],
+                 ["--repeats=1", "--steps=10"]),
+}
+SUITES = {"cpu": BENCHMARKS, "gpu_paper": GPU_PAPER_BENCHMARKS}
+DEFAULT_OUT = {"cpu": os.path.join("benchmarks", "out"),
+               "gpu_paper": os.path.join("benchmarks", "out_gpu")}
 # The flag each benchmark takes for its JSON output.
 _JSON_FLAG = {"mmdit_step": "--json"}
+# Benchmarks that take --set config overrides.
+_CONFIG_MODULES = ("benchmarks.train_step", "benchmarks.sampling")
 # Training steps whose consumption rate the input pipeline must outrun.
 _CONSUMERS = ("psvae_step", "t2i_step")
+MFU_TARGET = 0.45  # T2I (MMDiT) training step, bf16, H100
 
 
-def run_one(name: str, out_dir: str, quick: bool) -> tuple[dict | None, str]:
-  """Runs benchmark `name` in a subprocess; returns (its JSON or None, error text)."""
-  module, args, quick_args = BENCHMARKS[name]
+def command(name: str, out_dir: str, quick: bool, suite: str = "cpu",
+            extra_args: tuple[str, ...] = ()) -> list[str]:
+  """The command line of benchmark `name` of `suite`; `extra_args` come last (they win)."""
+  module, args, quick_args = SUITES[suite][name]
+  json_path = os.path.join(out_dir, f"{name}.json")
+  return [sys.executable, "-m", module, *args, *(quick_args if quick else []), *extra_args,
+          f"{_JSON_FLAG.get(name, '--out')}={json_path}"]
+
+
+def extra_arguments(name: str, suite: str, *, batch: int = 0, peak_flops: float = 0.0,
+                    overrides: tuple[str, ...] = ()) -> tuple[str, ...]:
+  """Arguments run.py's own flags add to benchmark `name`: --batch (T2I step only), the peak
+  FLOP/s and --set overrides (config-driven benchmarks only)."""
+  module = SUITES[suite][name][0]
+  extra = []
+  if batch and name == "t2i_step":
+    extra.append(f"--batch={batch}")
+  if module in _CONFIG_MODULES:
+    if peak_flops and module == "benchmarks.train_step":
+      extra.append(f"--set=logging.peak_flops_per_device={peak_flops!r}")
+    extra.extend(f"--set={item}" for item in overrides)
+  return tuple(extra)
+
+
+def accelerator_peak(device_kind: str, peak_tflops: float = 0.0) -> float:
+  """Dense bf16 peak FLOP/s of one device: --peak_tflops if given, else the datasheet figure
+  for `device_kind`; an untabulated kind is an error."""
+  from psvae_jax import perf
+
+  if peak_tflops < 0:
+    raise ValueError(f"--peak_tflops={peak_tflops} must be positive")
+  if peak_tflops:
+    return peak_tflops * 1e12
+  peak = perf.datasheet_peak(device_kind)
+  if peak is None:
+    known = ", ".join(name for name, _ in perf.PEAKS_BF16)
+    raise ValueError(f"no datasheet bf16 peak for device kind {device_kind!r} (known: {known}); "
+                     f"--suite=gpu_paper is meant for an accelerator: pass "
+                     f"--peak_tflops=<dense bf16 TFLOP/s of one device> to run it anyway")
+  return peak
+
+
+def probe_device() -> tuple[str, str, int]:
+  """(backend, device_kind, device count) from a short subprocess, so that this process never
+  holds accelerator memory while the benchmarks run."""
+  code = ("import jax; d = jax.devices(); "
+          "print(jax.default_backend(), len(d), d[0].device_kind, sep='\t')")
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                       text=True).stdout
+  backend, count, kind = out.strip().splitlines()[-1].split("\t", 2)
+  return backend, kind, int(count)
+
+
+def run_one(name: str, out_dir: str, quick: bool, suite: str = "cpu",
+            extra_args: tuple[str, ...] = ()) -> tuple[dict | None, str]:
+  """Runs benchmark `name` of `suite` in a subprocess; returns (its JSON or None, error text)."""
   json_path = os.path.join(out_dir, f"{name}.json")
   log_path = os.path.join(out_dir, f"{name}.log")
   if os.path.exists(json_path):
     os.remove(json_path)  # never report a stale result
-  cmd = [sys.executable, "-m", module, *args, *(quick_args if quick else []),
-         f"{_JSON_FLAG.get(name, '--out')}={json_path}"]
+  cmd = command(name, out_dir, quick, suite, extra_args)
   start = time.perf_counter()
   with open(log_path, "w") as log:
     rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -110,36 +212,106 @@ def table_rows(results: dict[str, dict], peak: float) -> list[tuple[str, ...]]:
   return rows
 
 
-def main(argv=None) -> int:
+def paper_rows(results: dict[str, dict]) -> list[tuple[str, ...]]:
+  """One row per benchmark of the gpu_paper suite (per-device figures)."""
+  rows = [("what", "batch/device", "s / step (batch)", "images/s", "achieved", "MFU",
+           "peak memory")]
+  tflops = lambda v: "-" if v is None else f"{v / 1e12:.1f} TFLOP/s"
+  for name in ("t2i_step", "psvae_step"):
+    r = results.get(name)
+    if r:
+      rows.append((r["what"], str(r["batch"]), f"{r['step_s']:.3f}",
+                   _fmt_rate(r["images_per_s"], "img/s"), tflops(r["achieved_flops_per_s"]),
+                   _fmt_fraction(r["mfu"]), format_bytes(r["peak_memory_bytes"])))
+  r = results.get("sampling")
+  if r:
+    rows.append((r["what"], str(r["batch"]), f"{r['seconds_per_batch']:.3f}",
+                 _fmt_rate(r["images_per_s"], "img/s"), "-", "-",
+                 format_bytes(r["peak_memory_bytes"])))
+  return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """run.py's command line; unknown suites, benchmarks and misplaced flags are errors."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default=os.path.join("benchmarks", "out"))
+  parser.add_argument("--suite", default="cpu", choices=list(SUITES),
+                      help="cpu: vs the reference libraries, small sizes; gpu_paper: the "
+                      "paper-scale models on one accelerator")
+  parser.add_argument("--out", default="",
+                      help=f"output folder (default by suite: {DEFAULT_OUT})")
   parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-  parser.add_argument("--only", default="", help=f"comma-separated subset of {list(BENCHMARKS)}")
+  parser.add_argument("--only", default="", help="comma-separated subset of the suite's "
+                      f"benchmarks ({ {k: list(v) for k, v in SUITES.items()} })")
+  parser.add_argument("--batch", type=int, default=0,
+                      help="per-device batch of the T2I training step (t2i_step); default: "
+                      "the suite's (cpu: the smoke config's 16, gpu_paper: 64)")
+  parser.add_argument("--peak_tflops", type=float, default=0.0,
+                      help="gpu_paper: dense bf16 peak TFLOP/s of one device (default: the "
+                      "datasheet figure for its device kind; required for an unknown one)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override for the config-driven benchmarks (repeatable)")
   args = parser.parse_args(argv)
-  names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
-  unknown = [n for n in names if n not in BENCHMARKS]
+  benchmarks = SUITES[args.suite]
+  args.names = [n for n in args.only.split(",") if n] or list(benchmarks)
+  unknown = [n for n in args.names if n not in benchmarks]
   if unknown:
-    parser.error(f"unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
+    parser.error(f"unknown benchmark(s) {unknown} in suite {args.suite!r}; known: "
+                 f"{list(benchmarks)}")
+  if args.batch < 0:
+    parser.error(f"--batch={args.batch} must be positive")
+  if args.peak_tflops and args.suite != "gpu_paper":
+    parser.error("--peak_tflops applies to --suite=gpu_paper only (the cpu suite measures its "
+                 "peak)")
+  bad = [item for item in args.set if "=" not in item]
+  if bad:
+    parser.error(f"--set takes KEY=VALUE, got {bad}")
+  args.out = args.out or DEFAULT_OUT[args.suite]
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.suite == "gpu_paper":
+    backend, kind, count = probe_device()
+    try:
+      peak = accelerator_peak(kind, args.peak_tflops)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    machine = (f"{kind} ({backend}, {count} device(s) visible, 1 used), dense bf16 peak "
+               f"{peak / 1e12:.0f} TFLOP/s" + (" (--peak_tflops)" if args.peak_tflops else
+                                                " (datasheet)"))
+  else:
+    import jax
+
+    from psvae_jax import perf
+    kind = jax.devices()[0].device_kind
+    peak = perf.peak_flops_per_device(0.0, "float32")
+    machine = (f"peak: {peak / 1e9:.1f} GFLOP/s ({kind}, measured float32 matmul on CPU), "
+               f"cores {os.cpu_count()}")
   os.makedirs(args.out, exist_ok=True)
-
-  import jax
-
-  from psvae_jax import perf
-  peak = perf.peak_flops_per_device(0.0, "float32")
   results, errors = {}, {}
-  for name in names:
-    result, error = run_one(name, args.out, args.quick)
+  for name in args.names:
+    extra = extra_arguments(name, args.suite, batch=args.batch,
+                            peak_flops=peak if args.suite == "gpu_paper" else 0.0,
+                            overrides=tuple(args.set))
+    result, error = run_one(name, args.out, args.quick, args.suite, extra)
     if result is None:
       errors[name] = error
     else:
       results[name] = result
-  rows = table_rows(results, peak)
+  rows = paper_rows(results) if args.suite == "gpu_paper" else table_rows(results, peak)
   print(format_rows(rows))
-  print(f"peak: {peak / 1e9:.1f} GFLOP/s ({jax.devices()[0].device_kind}, measured float32 "
-        f"matmul on CPU), cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
+  print(f"{machine}, load average {os.getloadavg()[0]:.1f}")
+  t2i = results.get("t2i_step")
+  if args.suite == "gpu_paper" and t2i and t2i["mfu"] is not None:
+    verdict = "meets" if t2i["mfu"] >= MFU_TARGET else "below"
+    print(f"T2I step MFU {100 * t2i['mfu']:.1f}%: {verdict} the target "
+          f">= {100 * MFU_TARGET:.0f}% (bf16, H100)")
   for name, error in errors.items():
     print(f"FAILED {name}: {error}", file=sys.stderr)
-  write_json({"rows": rows, "peak_flops_per_s": peak, "device_kind": jax.devices()[0].device_kind,
+  write_json({"suite": args.suite, "rows": rows, "peak_flops_per_s": peak, "device_kind": kind,
+              "mfu_target": MFU_TARGET if args.suite == "gpu_paper" else None,
               "results": results, "errors": errors,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
              os.path.join(args.out, "summary.json"))

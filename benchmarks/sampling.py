@@ -1,12 +1,16 @@
 """Euler sampling throughput of the T2I generator with classifier-free guidance (images/s).
 
   python -m benchmarks.sampling [--config=configs/t2i.py:smoke] [--batch=8] [--steps=50] \
-      [--cfg_scale=6.5] [--repeats=3] [--out=benchmarks/out/sampling.json]
+      [--cfg_scale=6.5] [--repeats=3] [--set=compute_dtype=bfloat16 ...] \
+      [--out=benchmarks/out/sampling.json]
 
 Random weights of the config's shapes (no checkpoint needed). One jitted call runs the whole
 sampler: text encoding, `steps` Euler steps of the MMDiT on the doubled (unconditional +
 conditional) batch, and the PS-VAE pixel decoder, as `T2ITask.generate` does during training.
-Timed: warm-up, then `repeats` calls with block_until_ready, median.
+Timed: warm-up, then `repeats` calls with block_until_ready, median. The captions come from
+the config's data source (override it, e.g. --set=data.source=synthetic:shapes, where the
+config's corpus is not at hand). The peak device memory is reported where the backend keeps
+memory statistics (GPU, TPU).
 """
 from __future__ import annotations
 
@@ -14,21 +18,17 @@ import argparse
 import os
 import time
 
-from benchmarks.timing import format_rows, median_seconds, write_json
+from benchmarks.timing import (format_bytes, format_rows, median_seconds, peak_memory_bytes,
+                               write_json)
+from benchmarks.train_step import apply_overrides
 
 
-def run(config_spec: str = "configs/t2i.py:smoke", *, batch: int = 8, steps: int = 50,
-        cfg_scale: float = 6.5, warmup: int = 1, repeats: int = 3,
-        out: str | None = None) -> dict:
-  """Times T2ITask.generate on random weights; returns (and writes to `out`) the results."""
-  import jax
-  from flax import nnx
-
-  from psvae_jax import data as data_lib
-  from psvae_jax import sharding, train
-  from psvae_jax import train_state as ts
+def sampling_config(config_spec: str, *, steps: int = 50, cfg_scale: float = 6.5,
+                    overrides: tuple[str, ...] = ()):
+  """The validated config sampling is timed with: random weights (no checkpoints required), one
+  device, `steps` Euler steps at `cfg_scale`, then `overrides`."""
+  from psvae_jax import config_base
   from psvae_jax.config_loader import load_config
-  from psvae_jax.tasks import get_task
 
   config = load_config(config_spec)
   with config.unlocked():
@@ -38,6 +38,24 @@ def run(config_spec: str = "configs/t2i.py:smoke", *, batch: int = 8, steps: int
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
     config.flow.sample_steps = steps
     config.flow.cfg_scale = cfg_scale
+    apply_overrides(config, overrides)
+  config_base.validate(config)
+  return config
+
+
+def run(config_spec: str = "configs/t2i.py:smoke", *, batch: int = 8, steps: int = 50,
+        cfg_scale: float = 6.5, warmup: int = 1, repeats: int = 3,
+        overrides: tuple[str, ...] = (), out: str | None = None) -> dict:
+  """Times T2ITask.generate on random weights; returns (and writes to `out`) the results."""
+  import jax
+  from flax import nnx
+
+  from psvae_jax import data as data_lib
+  from psvae_jax import sharding, train
+  from psvae_jax import train_state as ts
+  from psvae_jax.tasks import get_task
+
+  config = sampling_config(config_spec, steps=steps, cfg_scale=cfg_scale, overrides=overrides)
   task = get_task(config)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   with jax.set_mesh(mesh):
@@ -57,9 +75,10 @@ def run(config_spec: str = "configs/t2i.py:smoke", *, batch: int = 8, steps: int
         lambda: generate(params, prepared, rng).block_until_ready(), warmup, repeats)
   result = {
       "what": f"T2I Euler sampling, {steps} steps, CFG {cfg_scale:g} ({config_spec})",
-      "config": config_spec, "generator": config.model.generator, "batch": batch,
+      "config": config_spec, "overrides": list(overrides), "generator": config.model.generator, "batch": batch,
       "steps": steps, "cfg_scale": cfg_scale, "image_shape": list(images.shape[1:]),
-      "backend": jax.default_backend(), "compute_dtype": config.compute_dtype,
+      "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+      "compute_dtype": config.compute_dtype, "peak_memory_bytes": peak_memory_bytes(),
       "seconds_per_batch": seconds, "cpu_s_per_batch": cpu, "images_per_s": batch / seconds,
       "compile_s": compile_s, "load_average_1min": os.getloadavg()[0],
   }
@@ -73,7 +92,8 @@ def format_table(result: dict) -> str:
                        f"{result['images_per_s']:.2f}")])
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+  """This benchmark's command line."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/t2i.py:smoke")
   parser.add_argument("--batch", type=int, default=8)
@@ -81,12 +101,20 @@ def main(argv=None):
   parser.add_argument("--cfg_scale", type=float, default=6.5)
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override (repeatable)")
   parser.add_argument("--out", default="")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
   result = run(args.config, batch=args.batch, steps=args.steps, cfg_scale=args.cfg_scale,
-               warmup=args.warmup, repeats=args.repeats, out=args.out)
+               warmup=args.warmup, repeats=args.repeats, overrides=tuple(args.set),
+               out=args.out)
   print(format_table(result))
   print(f"compile {result['compile_s']:.1f}s, CPU s/batch {result['cpu_s_per_batch']:.2f}, "
+        f"peak device memory {format_bytes(result['peak_memory_bytes'])}, "
         f"load average {result['load_average_1min']:.1f}")
 
 

@@ -31,6 +31,22 @@ def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> tuple
   return statistics.median(wall), statistics.median(cpu)
 
 
+def peak_memory_bytes(device=None) -> int | None:
+  """Peak bytes in use on `device` (default: the first) since the process started, or None
+  where the backend keeps no memory statistics (the CPU backend)."""
+  import jax
+
+  stats = (device or jax.local_devices()[0]).memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return int(stats["peak_bytes_in_use"])
+
+
+def format_bytes(value: int | None) -> str:
+  """'12.3 GiB', or '-' for None (no memory statistics)."""
+  return "-" if value is None else f"{value / 2**30:.1f} GiB"
+
+
 def format_rows(rows: Sequence[Sequence[str]]) -> str:
   """A plain-text table; the first row is the header."""
   widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]

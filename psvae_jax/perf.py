@@ -11,9 +11,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak FLOP/s per device (per chip for TPU), by substring of device_kind.
-_PEAKS_BF16 = (
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+# Dense bf16 peak FLOP/s per device (per chip for TPU), by substring of device_kind; the first
+# match wins, so the PCIe / NVL H100 variants come before the SXM figure.
+PEAKS_BF16 = (
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("A100", 312e12), ("L4", 121e12),
     ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
     ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
 )
@@ -36,14 +38,21 @@ def measured_matmul_peak(dtype_name: str = "float32", n: int = 2048, repeats: in
   return 2 * n**3 / times[len(times) // 2]
 
 
+def datasheet_peak(device_kind: str) -> float | None:
+  """Dense bf16 datasheet peak FLOP/s of one device of this kind, or None if not tabulated."""
+  for name, peak in PEAKS_BF16:
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
+
+
 def peak_flops_per_device(configured: float = 0.0, dtype_name: str = "float32") -> float:
   """The configured peak, else a datasheet bf16 peak by device kind, else a measured CPU peak."""
   if configured and configured > 0:
     return float(configured)
-  kind = jax.local_devices()[0].device_kind
-  for name, peak in _PEAKS_BF16:
-    if name.lower() in kind.lower():
-      return peak
+  peak = datasheet_peak(jax.local_devices()[0].device_kind)
+  if peak is not None:
+    return peak
   # Simulated CPU devices share the same cores: each gets an equal part of the measured peak.
   return measured_matmul_peak(dtype_name) / jax.local_device_count()
 

@@ -397,12 +397,15 @@ class T2ITask(Task):
     ids, mask = tokenize(self.tokenizer, batch["caption"], m.max_text_len)
     return {"image": np.asarray(batch["image"]), "input_ids": ids, "attention_mask": mask}
 
-  def _check_cached(self, batch) -> None:
+  def cached_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the cached inputs (CACHED_KEYS) of a batch of `batch_size` for this model."""
     m = self.config.model
-    b = batch["latent"].shape[0]
-    want = {"latent": (b, self.grid, self.grid, m.autoencoder.latent_channels),
-            "text_states": (b, m.max_text_len, text_encoder_config(m).width),
-            "text_mask": (b, m.max_text_len)}
+    return {"latent": (batch_size, self.grid, self.grid, m.autoencoder.latent_channels),
+            "text_states": (batch_size, m.max_text_len, text_encoder_config(m).width),
+            "text_mask": (batch_size, m.max_text_len)}
+
+  def _check_cached(self, batch) -> None:
+    want = self.cached_shapes(batch["latent"].shape[0])
     bad = [f"{k} {batch[k].shape} (expected {v})" for k, v in want.items()
            if batch[k].shape != v]
     if bad:

@@ -1,0 +1,99 @@
+"""Wiring of `python -m benchmarks.run --suite=gpu_paper` without an accelerator: the command line,
+the benchmarks' arguments and resolved paper-scale configs (no model is built), and the peak
+lookup. Seconds."""
+import os
+
+import numpy as np
+import pytest
+
+from benchmarks import run as bench_run
+from benchmarks import sampling as bench_sampling
+from benchmarks import train_step as bench_train_step
+
+_MODULES = {"benchmarks.train_step": bench_train_step, "benchmarks.sampling": bench_sampling}
+
+
+def _benchmark_args(name, **extra):
+  """(module, parsed arguments) of gpu_paper benchmark `name` as run.py would start it."""
+  cmd = bench_run.command(name, "OUT", False, "gpu_paper",
+                          bench_run.extra_arguments(name, "gpu_paper", **extra))
+  assert cmd[1] == "-m"
+  module = _MODULES[cmd[2]]
+  return module, module.parse_args(cmd[3:])
+
+
+def test_command_line_and_suite_contents():
+  args = bench_run.parse_args(["--suite=gpu_paper"])
+  assert args.names == ["t2i_step", "psvae_step", "sampling"]
+  assert args.out == os.path.join("benchmarks", "out_gpu")
+  assert bench_run.parse_args([]).out == os.path.join("benchmarks", "out")  # cpu suite unchanged
+  for argv in (["--suite=gpu_paper", "--only=mmdit_step"], ["--suite=tpu"],
+               ["--peak_tflops=100"], ["--suite=gpu_paper", "--set=no_equals_sign"]):
+    with pytest.raises(SystemExit):
+      bench_run.parse_args(argv)
+
+
+def test_t2i_step_is_the_paper_generator_in_bf16_on_cached_inputs():
+  _, args = _benchmark_args("t2i_step", batch=32, peak_flops=989e12,
+                            overrides=("attention_impl=cudnn",))
+  assert args.synthetic_cached and args.batch == 32  # --batch wins over the suite's 64
+  assert args.out == os.path.join("OUT", "t2i_step.json")
+  config = bench_train_step.benchmark_config(args.config, batch=args.batch,
+                                             overrides=tuple(args.set))
+  assert (config.model.generator, config.model.ddt_head) == ("base", True)
+  assert config.model.cached_inputs and config.compute_dtype == "bfloat16"
+  assert config.logging.peak_flops_per_device == 989e12
+  assert config.attention_impl == "cudnn"
+  from psvae_jax.tasks import get_task
+  task = get_task(config)
+  assert task.cached_shapes(2) == {"latent": (2, 16, 16, 96), "text_states": (2, 256, 896),
+                                   "text_mask": (2, 256)}
+  # The analytic count is the generator's alone (the frozen encoders are not in the step).
+  from psvae_jax.models.flops import mmdit_train_flops
+  assert task.flops_per_example() == float(mmdit_train_flops(task.generator, 1, 256)) > 1e11
+  assert _benchmark_args("t2i_step")[1].batch == 64  # documented default
+
+
+def test_psvae_step_and_sampling_configs_resolve():
+  _, args = _benchmark_args("psvae_step", peak_flops=989e12)
+  config = bench_train_step.benchmark_config(args.config, batch=args.batch,
+                                             overrides=tuple(args.set))
+  assert (config.batch_size, config.compute_dtype, config.data.image_size) == (96, "bfloat16", 256)
+  assert config.data.source == "synthetic:shapes" and not args.synthetic_cached
+  _, args = _benchmark_args("sampling", overrides=("attention_impl=cudnn",))
+  config = bench_sampling.sampling_config(args.config, steps=args.steps,
+                                          cfg_scale=args.cfg_scale, overrides=tuple(args.set))
+  assert (args.batch, config.flow.sample_steps, config.flow.cfg_scale) == (64, 50, 6.5)
+  assert config.model.generator == "base" and config.compute_dtype == "bfloat16"
+  assert config.attention_impl == "cudnn"
+
+
+def test_synthetic_cached_batch_needs_cached_inputs():
+  from psvae_jax.tasks import get_task
+  smoke = ("model.require_autoencoder=False",)
+  task = get_task(bench_train_step.benchmark_config(
+      "configs/t2i.py:smoke", overrides=smoke + ("model.cached_inputs=True",)))
+  batch = bench_train_step.synthetic_cached_batch(task, 3)
+  assert {k: v.shape for k, v in batch.items()} == task.cached_shapes(3)
+  assert batch["text_mask"].dtype == np.int32 and batch["text_mask"].all()
+  task = get_task(bench_train_step.benchmark_config("configs/t2i.py:smoke", overrides=smoke))
+  with pytest.raises(ValueError, match="cached_inputs=True"):
+    bench_train_step.synthetic_cached_batch(task, 3)
+
+
+def test_peak_lookup():
+  assert bench_run.accelerator_peak("NVIDIA H100 80GB HBM3") == 989e12
+  assert bench_run.accelerator_peak("NVIDIA H200") == 989e12
+  assert bench_run.accelerator_peak("NVIDIA H100 PCIe") == 756e12
+  assert bench_run.accelerator_peak("Some Future GPU", peak_tflops=1500) == 1500e12
+  with pytest.raises(ValueError, match="no datasheet bf16 peak .*'cpu'.*--peak_tflops"):
+    bench_run.accelerator_peak("cpu")
+
+
+def test_unknown_accelerator_stops_before_any_benchmark(monkeypatch, tmp_path, capsys):
+  monkeypatch.setattr(bench_run, "probe_device", lambda: ("gpu", "Mystery GPU", 1))
+  started = []
+  monkeypatch.setattr(bench_run, "run_one", lambda *a, **k: started.append(a))
+  assert bench_run.main(["--suite=gpu_paper", f"--out={tmp_path}"]) == 2
+  assert not started
+  assert "'Mystery GPU'" in capsys.readouterr().err
