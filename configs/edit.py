@@ -92,21 +92,11 @@ def _synthetic_edits(c: ml_collections.ConfigDict) -> None:
   c.model.max_text_len = 72  # the longest synthetic instruction (70 bytes) + end of text
 
 
-def _toy_model(c: ml_collections.ConfigDict) -> None:
-  """The toy edit model: the smoke model with an 8x8x16 latent (tiny encoder at 112 px), a
-  64 px pixel decoder (8 -> 64) and no DDT head (on this 16-channel latent the head would cost
-  60% of the generator's FLOPs); see the module docstring for its chain."""
-  c.model.ddt_head = False
-  c.model.autoencoder.encoder_resolution = 112
-  c.model.autoencoder.pixel_decoder.ch_mult = (1, 1, 2, 2)
-  c.model.autoencoder.pixel_decoder.attn_resolutions = (8,)
-
-
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
   if preset not in ("", "large", "smoke", "toy"):
     raise ValueError(f"unknown preset {preset!r} for configs/edit.py; known: '', 'large', "
                      "'smoke', 'toy'")
-  c = _from_t2i({"toy": "smoke"}.get(preset, preset))
+  c = _from_t2i(preset)
   # Paper: 50k steps from the T2I checkpoint with the T2I settings (batch, lr, EMA, sampling).
   c.data.source = "arrayrecord:/data/omniedit/train-*.array_record"  # placeholder
   c.total_steps = 50_000
@@ -115,16 +105,17 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.total_steps = 40
     c.flow.sample_steps = 20
   elif preset == "toy":
+    # The toy T2I model (configs/t2i.py:toy, 16x16x8 latent, tiny MMDiT + DDT head, training
+    # shift 3) continues on the edit world.
     _synthetic_edits(c)
-    _toy_model(c)
     c.batch_size = 16
-    c.total_steps = 6000
+    c.total_steps = 4500
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 100
     c.optim.ema_decay = 0.99
     c.log_every = 100
-    c.eval_every = 2000
-    c.checkpoint_every = 2000
+    c.eval_every = 1500
+    c.checkpoint_every = 1500
     c.eval_batches = 2
     c.flow.sample_steps = 20
     c.flow.cfg_scale = 3.0  # 6.5 over-guides this small model (edits lose the source)
@@ -132,9 +123,4 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # different colour words have cosine > 0.9 and the generator changed colours at random
     # (recolour success 0.3 after 6000 steps); trained with the generator it learns them.
     c.model.train_text_encoder = True
-    # The training shift of the 16-channel latent would be 1 (sqrt(C / 16)); the inference
-    # shift 3 instead puts more training on high noise, where only the source tells the
-    # target: the generator learns to copy the source within the run (at shift 1 it still
-    # ignored the source after 1500 steps).
-    c.flow.shift = 3.0
   return c.lock()

@@ -34,10 +34,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   tag = suffix[preset]
   # 'name=config[:preset]', run in this order; each stage's init defaults to the previous
   # stage's workdir.
-  c.stages = (f"svae=configs/svae.py{tag}", f"psvae=configs/psvae.py{tag}")
-  if preset in ("", "smoke"):
-    c.stages += (f"t2i=configs/t2i.py{tag}", f"edit=configs/edit.py{tag}")
-  if preset == "toy":
-    c.stages += ("t2i=configs/t2i.py:toy",)
+  c.stages = (f"svae=configs/svae.py{tag}", f"psvae=configs/psvae.py{tag}",
+              f"t2i=configs/t2i.py{tag}", f"edit=configs/edit.py{tag}")
   c.overrides = ()
   return c.lock()

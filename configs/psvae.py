@@ -59,7 +59,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     autoencoder_config.toy_overrides(c)
     c.model.require_pretrained_encoder = False
     c.latent_stats_batches = 16
-    c.total_steps = 1500
+    c.total_steps = 800  # 33.6 dB PSNR on the single-object world
     c.eval_every = 500
     c.checkpoint_every = 500
     c.sample_every = 0

@@ -1,5 +1,6 @@
 """The toy chain's presets fit together: the pipeline runs svae -> psvae -> t2i on the
-single-object world, and the T2I stage's autoencoder section is exactly the PS-VAE toy model."""
+single-object world and edit on the edit world; the T2I stage's autoencoder section is exactly
+the PS-VAE toy model and the edit model is the T2I model."""
 from psvae_jax.config_loader import load_config
 from psvae_jax.data import make_eval_batches
 from psvae_jax.pipeline import stage_configs
@@ -8,10 +9,15 @@ from psvae_jax.tasks import t2i
 
 def test_toy_pipeline_stages_fit():
   stages = dict(stage_configs(load_config("configs/pipeline.py:toy")))
-  assert list(stages) == ["svae", "psvae", "t2i"]
+  assert list(stages) == ["svae", "psvae", "t2i", "edit"]
   svae, psvae, t2i_config = stages["svae"], stages["psvae"], stages["t2i"]
-  for config in stages.values():
-    assert config.data.source == "synthetic:single" and config.data.image_size == 64
+  for name, config in stages.items():
+    want = "synthetic:edits" if name == "edit" else "synthetic:single"
+    assert config.data.source == want and config.data.image_size == 64
+  edit_model = stages["edit"].model
+  for key, value in t2i_config.model.items():
+    if key in edit_model and key != "max_text_len":
+      assert edit_model[key] == value, key
   for key in ("encoder", "latent_channels", "svae_depth", "encoder_resolution"):
     assert svae.model[key] == psvae.model[key]  # what the PS-VAE checks when loading
   t2i.check_autoencoder_config(t2i_config, psvae.model, "psvae")  # raises on any difference

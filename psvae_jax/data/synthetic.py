@@ -2,7 +2,8 @@
 and for scoring generated images against known ground truth.
 
 A scene holds 1-4 objects (circle, square or triangle in one of six named colours), each in its own
-cell of a 3x3 grid, with a random size and a jittered centre. Geometry is stored in normalised
+cell of a 3x3 grid, with a random size and a jittered centre. The single-object world (its own
+stream) draws one large object anywhere in the image. Geometry is stored in normalised
 image coordinates, so a scene renders at any resolution. Every example is a pure function of its
 index (and the world seed): the world is random-access and deterministic.
 
@@ -39,6 +40,8 @@ WORLD_SEED = 20251217
 # shapes look about equally big. Extent = how far the shape reaches from its centre.
 _RADIUS_RANGE = (0.20, 0.34)
 _SHAPE_SCALE = {"circle": 1.0, "square": 0.85, "triangle": 1.2}
+# The single-object world's radius, in units of the image (16-28 px wide objects at 64 px).
+_SINGLE_RADIUS_RANGE = (0.13, 0.22)
 _CELL_MARGIN = 0.01  # normalised gap kept between a shape and its cell border
 _NUMBER_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 _ROW_WORDS = ("top", "", "bottom")
@@ -305,14 +308,34 @@ def shapes_example(index: int, size: int, *, seed: int = WORLD_SEED) -> dict:
 
 
 def single_example(index: int, size: int, *, seed: int = WORLD_SEED) -> dict:
-  """Example `index` of the single-object shapes world (its own stream): the fields of
-  `shapes_example`, every scene holding exactly one object."""
-  return _captioned_example(example_rng(index, 2, seed), size, 1)
+  """Example `index` of the single-object world (its own stream): the fields of
+  `shapes_example`; every scene holds one large object (`sample_single_scene`)."""
+  rng = example_rng(index, 2, seed)
+  scene = sample_single_scene(rng)
+  return _example_fields(scene, size, with_positions=bool(rng.integers(2)))
+
+
+def sample_single_scene(rng: np.random.Generator) -> Scene:
+  """One object, drawn large (GenEval's single-object prompts show the object big): radius
+  `_SINGLE_RADIUS_RANGE` of the image, centre anywhere it fits; row/col name the grid cell of
+  its centre (for position captions)."""
+  u = rng.random(5)
+  shape = SHAPES[int(u[0] * len(SHAPES))]
+  colour = COLOUR_NAMES[int(u[1] * len(COLOUR_NAMES))]
+  lo, hi = _SINGLE_RADIUS_RANGE
+  radius = lo + (hi - lo) * float(u[2])
+  reach = radius * _SHAPE_SCALE[shape] + _CELL_MARGIN
+  cx, cy = (reach + (1 - 2 * reach) * float(v) for v in u[3:5])
+  row, col = (min(GRID - 1, int(v * GRID)) for v in (cy, cx))
+  return Scene((ShapeObject(shape, colour, row, col, cx, cy, radius),))
 
 
 def _captioned_example(rng: np.random.Generator, size: int, max_objects: int) -> dict:
   scene = sample_scene(rng, max_objects=max_objects)
-  with_positions = bool(rng.integers(2))
+  return _example_fields(scene, size, with_positions=bool(rng.integers(2)))
+
+
+def _example_fields(scene: Scene, size: int, *, with_positions: bool) -> dict:
   return {"image": render(scene, size), "caption": caption(scene, positions=with_positions),
           "label": scene.label, "scene": scene.to_json()}
 

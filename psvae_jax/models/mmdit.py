@@ -150,13 +150,16 @@ class MMDiTConfig:
 PRESETS = {
     "tiny": MMDiTConfig(num_layers=2, num_heads=2, head_dim=32, text_dim=64, pooled_dim=64,
                         ddt_head=DDTHeadConfig(width=128, depth=2, num_heads=2)),
+    # 4 layers of width 128 (CPU toy runs: the tiny preset draws blobs, not shapes).
+    "small": MMDiTConfig(num_layers=4, num_heads=4, head_dim=32, text_dim=64, pooled_dim=64,
+                         ddt_head=DDTHeadConfig(width=128, depth=2, num_heads=2)),
     "base": MMDiTConfig(num_layers=13, num_heads=16, head_dim=64, ddt_head=DDTHeadConfig()),
     "large": MMDiTConfig(num_layers=18, num_heads=24, head_dim=64, ddt_head=DDTHeadConfig()),
 }
 
 
 def mmdit_preset(name: str, **overrides) -> MMDiTConfig:
-  """A named preset ('tiny', 'base' ~650M, 'large' ~1.7B) with field overrides."""
+  """A named preset ('tiny', 'small', 'base' ~650M, 'large' ~1.7B) with field overrides."""
   if name not in PRESETS:
     raise ValueError(f"unknown MMDiT preset {name!r}; expected one of {sorted(PRESETS)}")
   return dataclasses.replace(PRESETS[name], **overrides)

@@ -1,7 +1,8 @@
 """Compositional score of a text-to-image run on single-object synthetic-world prompts.
 
   python -m psvae_jax.tools.eval_t2i --workdir=T2I_RUN_DIR [--num_prompts=N] [--out=F.json] \
-      [--random_init] [--batch_size=B] [--sample_steps=S] [--cfg_scale=G] [--seed=K]
+      [--random_init] [--batch_size=B] [--sample_steps=S] [--cfg_scale=G] [--sample_shift=S]
+      [--seed=K]
 
 Prompts name one object of the synthetic world ("a red circle", "an orange triangle", ...),
 written by the world's own caption function, cycling through the 6 colours x 3 shapes. Each is
@@ -141,7 +142,8 @@ def _write(path: str, data: bytes) -> None:
 
 def evaluate_t2i(workdir: str, *, num_prompts: int = 180, batch_size: int = 0,
                  random_init: bool = False, sample_steps: int = 0, cfg_scale: float = 0.0,
-                 seed: int = 0, out: str = "", grid_images: int = 36, use_ema: bool = True,
+                 sample_shift: float = 0.0, seed: int = 0, out: str = "", grid_images: int = 36,
+                 use_ema: bool = True,
                  mesh=None) -> dict[str, Any]:
   """Samples and scores single-object prompts (see the module docstring); writes the JSON and
   the grid PNG and returns the JSON dict (plus 'json', its path)."""
@@ -168,6 +170,8 @@ def evaluate_t2i(workdir: str, *, num_prompts: int = 180, batch_size: int = 0,
     task.config.flow.sample_steps = int(sample_steps)
   if cfg_scale:
     task.config.flow.cfg_scale = float(cfg_scale)
+  if sample_shift:
+    task.config.flow.sample_shift = float(sample_shift)
   if random_init:
     with jax.set_mesh(mesh):
       randomize_generator(task, model, seed)
@@ -222,6 +226,8 @@ def define_flags(flag_values=flags.FLAGS) -> None:
   flags.DEFINE_integer("sample_steps", 0, "Euler steps (0 = the run's config.flow).", **f)
   flags.DEFINE_float("cfg_scale", 0.0, "Guidance scale (0 = the run's config.flow; 1 = none).",
                      **f)
+  flags.DEFINE_float("sample_shift", 0.0, "Inference time shift (0 = the run's config.flow).",
+                     **f)
   flags.DEFINE_integer("seed", 0, "Sampling noise (and the random generator's init).", **f)
   flags.DEFINE_string("out", "", "Output JSON (default WORKDIR/eval_t2i.json or "
                       "eval_t2i_random_init.json); the grid PNG goes next to it.", **f)
@@ -235,7 +241,8 @@ def run_from_flags(flag_values=flags.FLAGS) -> dict[str, Any]:
     raise app.UsageError("--workdir is required")
   return evaluate_t2i(v.workdir, num_prompts=v.num_prompts, batch_size=v.batch_size,
                       random_init=v.random_init, sample_steps=v.sample_steps,
-                      cfg_scale=v.cfg_scale, seed=v.seed, out=v.out, use_ema=v.use_ema)
+                      cfg_scale=v.cfg_scale, sample_shift=v.sample_shift, seed=v.seed, out=v.out,
+                      use_ema=v.use_ema)
 
 
 def main(argv):
