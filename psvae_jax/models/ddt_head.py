@@ -31,6 +31,7 @@ from flax import nnx
 
 from psvae_jax.models.attention import dot_product_attention
 from psvae_jax.models.vit import Mlp
+from psvae_jax.models import dense
 from psvae_jax.sharding import constrain
 
 Dtype = Any
@@ -62,10 +63,10 @@ class DDTHeadConfig:
 
 def _linear(d_in, d_out, names, *, zero=False, dtype, param_dtype, rngs):
   kernel_init = nnx.initializers.zeros if zero else nnx.initializers.xavier_uniform()
-  return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nnx.with_partitioning(kernel_init, names),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros, (names[1],)),
-                    rngs=rngs)
+  return dense.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nnx.with_partitioning(kernel_init, names),
+                      bias_init=nnx.with_partitioning(nnx.initializers.zeros, (names[1],)),
+                      rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -139,7 +140,7 @@ class DDTBlock(nnx.Module):
                                                              axis=-1)
     batch, seq, width = x.shape
     h = self.norm1(x) * (1 + scale1) + shift1
-    qkv = jnp.einsum("bnd,dte->bnte", h, self.qkv_kernel[...].astype(self.dtype))
+    qkv = dense.project(h, self.qkv_kernel[...].astype(self.dtype))
     qkv = (qkv + self.qkv_bias[...].astype(self.dtype)).reshape(
         batch, seq, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]

@@ -56,6 +56,7 @@ from psvae_jax.models import remat as remat_lib
 from psvae_jax.models.attention import dot_product_attention
 from psvae_jax.models.ddt_head import DDTHead, DDTHeadConfig, RMSNorm
 from psvae_jax.models.vit import Mlp, PatchEmbed
+from psvae_jax.models import dense
 from psvae_jax.sharding import constrain
 
 Dtype = Any
@@ -253,14 +254,14 @@ def joint_attention_mask(text_len: int, image_len: int, *, text_mask: jax.Array 
 
 
 def _dense(d_in: int, d_out: int, names, *, init: str = "xavier", dtype: Dtype,
-           param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.Linear:
+           param_dtype: Dtype, rngs: nnx.Rngs) -> dense.Linear:
   kernel_init = {"xavier": nnx.initializers.xavier_uniform(),
                  "zeros": nnx.initializers.zeros,
                  "normal": nnx.initializers.normal(0.02)}[init]
-  return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nnx.with_partitioning(kernel_init, names),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros, (names[1],)),
-                    rngs=rngs)
+  return dense.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nnx.with_partitioning(kernel_init, names),
+                      bias_init=nnx.with_partitioning(nnx.initializers.zeros, (names[1],)),
+                      rngs=rngs)
 
 
 def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -302,7 +303,7 @@ class Projection(nnx.Module):
 
   def __call__(self, x: jax.Array, num_heads: int) -> jax.Array:
     """(batch, seq, D) -> (batch, seq, parts, heads, head_dim)."""
-    y = jnp.einsum("bsd,dpe->bspe", x, self.kernel[...].astype(self.dtype))
+    y = dense.project(x, self.kernel[...].astype(self.dtype))
     y = y + self.bias[...].astype(self.dtype)
     return y.reshape(y.shape[:3] + (num_heads, y.shape[-1] // num_heads))
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from psvae_jax.models.vit import TransformerStack
+from psvae_jax.models import dense
 from psvae_jax.sharding import constrain
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -19,7 +20,7 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 def _dense(d_in, d_out, names, *, dtype, param_dtype, rngs, zero=False):
   init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
-  return nnx.Linear(d_in, d_out, kernel_init=nnx.with_partitioning(init, names),
+  return dense.Linear(d_in, d_out, kernel_init=nnx.with_partitioning(init, names),
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 

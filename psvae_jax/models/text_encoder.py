@@ -17,6 +17,7 @@ from flax import nnx
 
 from psvae_jax.models.attention import dot_product_attention
 from psvae_jax.models.vit import apply_layers
+from psvae_jax.models import dense
 from psvae_jax.sharding import constrain
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -125,20 +126,20 @@ class DecoderLayer(nnx.Module):
     q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     zeros = nnx.initializers.zeros
     self.input_norm = RMSNorm(c.width, eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-    self.q = nnx.Linear(c.width, q_dim, kernel_init=_init(("embed", "heads")),
+    self.q = dense.Linear(c.width, q_dim, kernel_init=_init(("embed", "heads")),
                         bias_init=_init(("heads",), zeros), **kw)
-    self.k = nnx.Linear(c.width, kv_dim, kernel_init=_init(("embed", "kv_heads")),
+    self.k = dense.Linear(c.width, kv_dim, kernel_init=_init(("embed", "kv_heads")),
                         bias_init=_init(("kv_heads",), zeros), **kw)
-    self.v = nnx.Linear(c.width, kv_dim, kernel_init=_init(("embed", "kv_heads")),
+    self.v = dense.Linear(c.width, kv_dim, kernel_init=_init(("embed", "kv_heads")),
                         bias_init=_init(("kv_heads",), zeros), **kw)
-    self.o = nnx.Linear(q_dim, c.width, use_bias=False, kernel_init=_init(("heads", "embed")), **kw)
+    self.o = dense.Linear(q_dim, c.width, use_bias=False, kernel_init=_init(("heads", "embed")), **kw)
     self.post_attn_norm = RMSNorm(c.width, eps=c.rms_norm_eps, dtype=dtype,
                                   param_dtype=param_dtype)
-    self.gate = nnx.Linear(c.width, c.mlp_dim, use_bias=False, kernel_init=_init(("embed", "mlp")),
+    self.gate = dense.Linear(c.width, c.mlp_dim, use_bias=False, kernel_init=_init(("embed", "mlp")),
                            **kw)
-    self.up = nnx.Linear(c.width, c.mlp_dim, use_bias=False, kernel_init=_init(("embed", "mlp")),
+    self.up = dense.Linear(c.width, c.mlp_dim, use_bias=False, kernel_init=_init(("embed", "mlp")),
                          **kw)
-    self.down = nnx.Linear(c.mlp_dim, c.width, use_bias=False,
+    self.down = dense.Linear(c.mlp_dim, c.width, use_bias=False,
                            kernel_init=_init(("mlp", "embed")), **kw)
 
   def __call__(self, x, cos, sin, mask):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from psvae_jax.models import dense
 from psvae_jax.models import remat as remat_lib
 from psvae_jax.models.attention import dot_product_attention
 from psvae_jax.models.resize import resize_bicubic
@@ -45,9 +46,9 @@ def _norm(dim, eps, dtype, param_dtype, rngs):
 
 
 def _linear(d_in, d_out, names, *, use_bias=True, dtype, param_dtype, rngs):
-  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=_init(names), bias_init=_init((names[1],), nnx.initializers.zeros),
-                    rngs=rngs)
+  return dense.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=_init(names),
+                      bias_init=_init((names[1],), nnx.initializers.zeros), rngs=rngs)
 
 
 def swiglu_hidden_dim(dim: int, mlp_ratio: float = 4.0) -> int:
@@ -76,7 +77,7 @@ class FusedQKV(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """(..., dim) -> (..., 3, heads*head_dim)."""
-    y = jnp.einsum("...d,dte->...te", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = dense.project(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
