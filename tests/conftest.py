@@ -58,6 +58,38 @@ def tiny_svae_config(**overrides):
   return config
 
 
+# config.model.autoencoder keys a generator config takes from its PS-VAE (configs/t2i.py).
+GENERATOR_AE_KEYS = ("encoder", "encoder_resolution", "svae_depth", "latent_channels",
+                     "scan_layers", "remat", "pixel_decoder")
+
+
+def shrink_generator_config(config, autoencoder_model, *, max_text_len: int, **overrides):
+  """A T2I / edit config shrunk for tests: the autoencoder section from `autoencoder_model`
+  (a PS-VAE model section), tiny MMDiT without DDT head, 32 px, 2 steps."""
+  from psvae_jax.config_loader import set_by_path
+
+  for key in GENERATOR_AE_KEYS:
+    config.model.autoencoder[key] = autoencoder_model[key]
+  config.model.ddt_head = False  # tested in tests/models; keeps compiles short
+  config.model.max_text_len = max_text_len
+  config.data.image_size = 32
+  config.data.synthetic_size = 512
+  config.batch_size = 8
+  config.total_steps = 2
+  config.log_every = 1
+  config.eval_every = 2
+  config.eval_batches = 1
+  config.checkpoint_every = 2
+  config.flow.eval_times = (0.5,)
+  config.flow.sample_steps = 2
+  config.flow.num_samples = 2
+  config.logging.tensorboard = False
+  config.logging.peak_flops_per_device = 1e12
+  for key, value in overrides.items():
+    set_by_path(config, key, value)
+  return config
+
+
 @pytest.fixture
 def svae_config():
   return tiny_svae_config

@@ -20,36 +20,17 @@ from psvae_jax.models import mmdit
 from psvae_jax.tasks import edit, get_task
 from psvae_jax.tokenizers import tokenize
 
-from conftest import tiny_svae_config
+from conftest import shrink_generator_config, tiny_svae_config
 
 ONE_DEVICE = jax.devices()[:1]
-_AE_KEYS = ("encoder", "encoder_resolution", "svae_depth", "latent_channels", "scan_layers",
-            "remat", "pixel_decoder")
 
 
 def _tiny(config, **overrides):
   """Shrinks a T2I / edit config: the tiny S-VAE test autoencoder (4x4x8 latent, 32 px
   decoder), tiny MMDiT without DDT head, short texts, 2 steps."""
-  ae = tiny_svae_config().model
-  for key in _AE_KEYS:
-    config.model.autoencoder[key] = ae[key]
+  config = shrink_generator_config(config, tiny_svae_config().model, max_text_len=24)
   config.model.autoencoder.pixel_decoder.num_res_blocks = 0
   config.model.autoencoder.pixel_decoder.attn_resolutions = ()
-  config.model.ddt_head = False
-  config.model.max_text_len = 24
-  config.data.image_size = 32
-  config.data.synthetic_size = 512
-  config.batch_size = 8
-  config.total_steps = 2
-  config.log_every = 1
-  config.eval_every = 2
-  config.eval_batches = 1
-  config.checkpoint_every = 2
-  config.flow.eval_times = (0.5,)
-  config.flow.sample_steps = 2
-  config.flow.num_samples = 2
-  config.logging.tensorboard = False
-  config.logging.peak_flops_per_device = 1e12
   for key, value in overrides.items():
     set_by_path(config, key, value)
   return config

@@ -17,14 +17,11 @@ from psvae_jax.tasks import get_task
 from psvae_jax.tasks import t2i
 from psvae_jax.tokenizers import ByteTokenizer, build_tokenizer, tokenize
 
-from conftest import tiny_svae_config
+from conftest import shrink_generator_config, tiny_svae_config
 
-_AE_KEYS = ("encoder", "encoder_resolution", "svae_depth", "latent_channels", "scan_layers",
-            "remat", "pixel_decoder")
 ONE_DEVICE = jax.devices()[:1]  # compiles on 1 device are the cheapest; sharding is tested apart
 LATENT_STATS = {"mean": [0.1 * i for i in range(8)], "std": [0.5 + 0.1 * i for i in range(8)],
                 "count": 128}
-
 
 def _psvae_config():
   """The tiny S-VAE test config as a PS-VAE, with the smallest pixel decoder (4x4 -> 4x4 px)."""
@@ -61,27 +58,8 @@ def psvae_run(tmp_path_factory):
 
 
 def _t2i_config(psvae_config, **overrides):
-  config = load_config("configs/t2i.py:smoke")
-  for key in _AE_KEYS:
-    config.model.autoencoder[key] = psvae_config.model[key]
-  config.model.ddt_head = False  # tested in tests/models; keeps compiles short here
-  config.model.max_text_len = 32
-  config.data.image_size = 32
-  config.data.synthetic_size = 512
-  config.batch_size = 8
-  config.total_steps = 2
-  config.log_every = 1
-  config.eval_every = 2
-  config.eval_batches = 1
-  config.checkpoint_every = 2
-  config.flow.eval_times = (0.5,)
-  config.flow.sample_steps = 2
-  config.flow.num_samples = 2
-  config.logging.tensorboard = False
-  config.logging.peak_flops_per_device = 1e12
-  for key, value in overrides.items():
-    set_by_path(config, key, value)
-  return config
+  return shrink_generator_config(load_config("configs/t2i.py:smoke"), psvae_config.model,
+                                 max_text_len=32, **overrides)
 
 
 def _restore(config, workdir):
