@@ -128,7 +128,14 @@ def define_flags(flag_values=flags.FLAGS) -> None:
   flags.DEFINE_string("out", None, "Output PNG.", **f)
   flags.DEFINE_enum("fit", "squash", list(FITS), "squash: whole image, output at the input's "
                     "size; crop: centred square, output at the run's size.", **f)
-  flags.DEFINE_integer("seed", 0, "Noise seed.", **f)
+  define_sampling_flags(flag_values, seed_help="Noise seed.")
+
+
+def define_sampling_flags(flag_values=flags.FLAGS, *, seed_help: str) -> None:
+  """--seed, --cfg_scale, --image_cfg_scale and --steps, shared by the editing tools (the last
+  three default to the run's config.flow; see `sampling_overrides`)."""
+  f = dict(flag_values=flag_values)
+  flags.DEFINE_integer("seed", 0, seed_help, **f)
   flags.DEFINE_float("cfg_scale", None, "Text guidance scale (default: the run's).", **f)
   flags.DEFINE_float("image_cfg_scale", None, "Image guidance scale (default: the run's).", **f)
   flags.DEFINE_integer("steps", None, "Euler steps (default: the run's).", **f)

@@ -250,10 +250,8 @@ def define_flags(flag_values=flags.FLAGS) -> None:
   flags.DEFINE_float("psnr_threshold", DEFAULT_PSNR_THRESHOLD, "Preservation threshold (dB) "
                      "on the PSNR outside the edited region.", **f)
   flags.DEFINE_integer("batch_size", 8, "Edits per batch.", **f)
-  flags.DEFINE_integer("seed", 0, "Noise seed (and the random-init seed).", **f)
-  flags.DEFINE_float("cfg_scale", None, "Text guidance scale (default: the run's).", **f)
-  flags.DEFINE_float("image_cfg_scale", None, "Image guidance scale (default: the run's).", **f)
-  flags.DEFINE_integer("steps", None, "Euler steps (default: the run's).", **f)
+  edit_tool.define_sampling_flags(flag_values,
+                                  seed_help="Noise seed (and the random-init seed).")
   flags.DEFINE_string("out", "", "Output JSON (default WORKDIR/eval_edit.json).", **f)
 
 

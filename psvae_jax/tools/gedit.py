@@ -233,10 +233,7 @@ def define_flags(flag_values=flags.FLAGS) -> None:
   flags.DEFINE_integer("batch_size", 8, "Images per batch.", **f)
   flags.DEFINE_enum("fit", "squash", list(edit_tool.FITS), "How images meet the run's square "
                     "size (see psvae_jax.tools.edit).", **f)
-  flags.DEFINE_integer("seed", 0, "Noise seed.", **f)
-  flags.DEFINE_float("cfg_scale", None, "Text guidance scale (default: the run's).", **f)
-  flags.DEFINE_float("image_cfg_scale", None, "Image guidance scale (default: the run's).", **f)
-  flags.DEFINE_integer("steps", None, "Euler steps (default: the run's).", **f)
+  edit_tool.define_sampling_flags(flag_values, seed_help="Noise seed.")
   flags.DEFINE_bool("overwrite", False, "Re-edit records whose output exists.", **f)
 
 

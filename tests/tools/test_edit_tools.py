@@ -1,5 +1,6 @@
 """The edit tools on a tiny edit run: one image, a generated GEdit-Bench copy, the synthetic
 edit evaluation (and its scoring on known images)."""
+import importlib
 import io
 import json
 
@@ -57,6 +58,18 @@ def test_flags_parse():
   assert gedit.select_subtasks("paper") == gedit.PAPER_SUBTASKS and len(gedit.PAPER_SUBTASKS) == 8
   with pytest.raises(edit_tool.InputError, match="unknown task types \\['bogus'\\]"):
     gedit.select_subtasks("color_alter,bogus")
+
+
+@pytest.mark.parametrize("tool", ["edit", "gedit", "eval_edit"])
+def test_sampling_flags_shared(tool):
+  """The three editing tools take the same sampling flags (unset = the run's settings)."""
+  module = importlib.import_module(f"psvae_jax.tools.{tool}")
+  values = flags.FlagValues()
+  module.define_flags(values)
+  values([tool, "--seed=3", "--cfg_scale=2", "--steps=7"])
+  assert (values.seed, values.cfg_scale, values.image_cfg_scale, values.steps) == (3, 2.0, None, 7)
+  assert edit_tool.sampling_overrides(values.cfg_scale, values.image_cfg_scale, values.steps) == {
+      "text_scale": 2.0, "image_scale": None, "num_steps": 7}
 
 
 def test_gedit_layout(edit_run, tmp_path):
