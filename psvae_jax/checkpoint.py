@@ -4,8 +4,9 @@ Layout: WORKDIR/checkpoints/<step>/{state, ema, data, config, extras}. Saves are
 directory only appears under its final name once complete (Orbax writes '<step>.orbax-checkpoint-
 tmp' and renames it), so a crash mid-write leaves the previous step as the latest; the unfinished
 directory is reported and removed when the run restarts. A finalized step that was damaged later
-(deleted or truncated files) is detected on resume (`restore_newest`): it is skipped with a
-warning naming the step and the cause, and the newest complete step is used instead. Restores
+(deleted, truncated or altered files: each finalized step carries a SHA-256 manifest, see
+`checkpoint_checksums`) is detected on resume (`restore_newest`): it is skipped with a warning
+naming the step and the cause, and the newest complete step is used instead. Restores
 always go through abstract targets that carry the *current* run's shardings, so a checkpoint
 restores onto a different mesh shape or device count.
 """
@@ -19,6 +20,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from psvae_jax import checkpoint_checksums as checksums
 
 ITEMS = ("state", "ema", "data", "config", "extras")
 PYTREE_ITEMS = ("state", "ema")
@@ -78,10 +81,14 @@ class Checkpointer:
   """The run's CheckpointManager with the project's items and retention policy."""
 
   def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0,
-               async_save: bool = True, create: bool = True):
-    """`create=False` opens another run's checkpoints for reading: nothing there is removed."""
+               async_save: bool = True, create: bool = True, checksums: bool = True):
+    """`create=False` opens another run's checkpoints for reading: nothing there is removed.
+    `checksums`: write a SHA-256 manifest into each step once it is finalized (steps that have
+    one are always checked before a restore)."""
     _configure_array_handler()
     self.directory = _abs(directory)
+    self.checksums = checksums
+    self._steps_without_manifest: list[int] = []
     if create:
       for name in unfinished_writes(self.directory):
         logging.warning("checkpoint %s/%s was never finalized (the writing process stopped "
@@ -120,14 +127,30 @@ class Checkpointer:
     if config_json is not None:
       items["config"] = ocp.args.JsonSave(json.loads(config_json))
     items["extras"] = ocp.args.JsonSave(extras or {})
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self._write_manifests()  # the previous save (Orbax waits for it before starting this one)
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved and self.checksums:
+      self._steps_without_manifest.append(step)
+    return saved
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._write_manifests()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self._write_manifests()
     self.manager.close()
+
+  def _write_manifests(self) -> None:
+    """Waits for the running save, then (process 0) hashes the steps saved since the last call
+    that retention has not removed."""
+    self.manager.wait_until_finished()
+    steps, self._steps_without_manifest = self._steps_without_manifest, []
+    if jax.process_index() != 0:
+      return
+    kept = set(self.all_steps())
+    for step in steps:
+      if step in kept:
+        checksums.write_manifest(self.step_dir(step))
 
   # --- restore -----------------------------------------------------------------------------
   def step_dir(self, step: int) -> str:
@@ -138,10 +161,11 @@ class Checkpointer:
     return {p.name for p in step_dir.iterdir()} if step_dir.is_dir() else set()
 
   def verify(self, step: int) -> None:
-    """Checks that every item the save started is present and its metadata readable.
+    """Checks that every item the save started is present and its metadata readable, and the
+    files against the step's checksum manifest when it has one.
 
-    Raises IncompleteCheckpointError naming the missing or unreadable part. Array data is only
-    read by `restore`, which reports damaged data the same way.
+    Raises IncompleteCheckpointError naming the missing, unreadable or altered part. Without a
+    manifest, array data is only read by `restore`, which reports unreadable data the same way.
     """
     step_dir = epath.Path(self.step_dir(step))
     if not step_dir.is_dir():
@@ -169,6 +193,12 @@ class Checkpointer:
         if not tree:
           raise IncompleteCheckpointError(str(step_dir),
                                           f"item '{name}': _METADATA lists no arrays")
+    try:
+      if not checksums.verify_manifest(str(step_dir)):
+        logging.info("checkpoint %s has no %s: restored without a checksum check", step_dir,
+                     checksums.MANIFEST_FILE)
+    except checksums.ChecksumError as e:
+      raise IncompleteCheckpointError(str(step_dir), str(e)) from e
 
   def restore(self, step: int, *, abstract_state=None, abstract_ema=None, data_iterator=None,
               with_extras: bool = True) -> dict[str, Any]:

@@ -61,6 +61,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3  # newest N kept
   c.checkpoint.keep_every = 0  # also keep every K-th step forever (0 = none)
   c.checkpoint.async_save = True
+  # SHA-256 manifest per finalized step (one extra read of the checkpoint after each save);
+  # steps with one are checked before every restore, and an altered file counts as damage.
+  c.checkpoint.checksums = True
   # When this workdir holds checkpoints but none is complete (all damaged): False stops with an
   # error listing each step's problem; True sets them aside and starts fresh (config.resume,
   # config.init or scratch). Damaged steps newer than a complete one are always skipped.

@@ -234,7 +234,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   logger = RunLogger(workdir, tensorboard=config.logging.tensorboard)
   checkpointer = ckpt_lib.Checkpointer(
       ckpt_lib.checkpoint_dir(workdir), keep=config.checkpoint.keep,
-      keep_every=config.checkpoint.keep_every, async_save=config.checkpoint.async_save)
+      keep_every=config.checkpoint.keep_every, async_save=config.checkpoint.async_save,
+      checksums=config.checkpoint.checksums)
   watch = PreemptionWatch()
   peak = perf.peak_flops_per_device(config.logging.peak_flops_per_device, config.compute_dtype)
   summary: dict[str, Any] = {"workdir": workdir}

@@ -129,19 +129,23 @@ def _truncate(path, size=7):
     f.truncate(size)
 
 
-# name -> (damage(step_dir), fragment of the reported cause)
+# name -> (damage(step_dir), fragment of the reported cause with the step's checksum manifest,
+# fragment without one (found when the data is read))
 DAMAGE = {
-    "truncated array file": (lambda d: _truncate(_largest(d, "state")), "unreadable data"),
-    "deleted array file": (lambda d: os.remove(_largest(d, "ema")), "unreadable data"),
+    "truncated array file": (lambda d: _truncate(_largest(d, "state")), "has 7 bytes",
+                             "unreadable data"),
+    "deleted array file": (lambda d: os.remove(_largest(d, "ema")), "is missing",
+                           "unreadable data"),
     "missing item": (lambda d: shutil.rmtree(os.path.join(d, "extras")),
-                     "item 'extras' missing"),
+                     "item 'extras' missing", "item 'extras' missing"),
     "truncated data-position file": (
         lambda d: _truncate(glob.glob(os.path.join(d, "data", "*.json"))[0], 20),
-        "unreadable data"),
+        "has 20 bytes", "unreadable data"),
     "truncated array metadata": (lambda d: _truncate(os.path.join(d, "state", "_METADATA")),
+                                 "_METADATA missing or unreadable",
                                  "_METADATA missing or unreadable"),
     "missing step metadata": (lambda d: os.remove(os.path.join(d, ckpt_lib.STEP_METADATA_FILE)),
-                              "saved items are unknown"),
+                              "saved items are unknown", "saved items are unknown"),
 }
 
 
@@ -159,10 +163,10 @@ def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _two_steps(directory):
+def _two_steps(directory, checksums=True):
   """Steps 1 and 2 (state, ema, data position, config, extras); returns step 1's position."""
   it = _iterator()
-  ckpt = ckpt_lib.Checkpointer(directory)
+  ckpt = ckpt_lib.Checkpointer(directory, checksums=checksums)
   next(it)
   position_1 = it.get_state()
   ckpt.save(1, state=_tree(1.0), ema=_tree(10.0), data_iterator=it, config_json="{}",
@@ -187,11 +191,14 @@ def directory(tmp_path):
 @pytest.mark.reliability(
     fault="damaged latest checkpoint: {damage}",
     expected="warning names step 2 and the cause; step 1 restored with its data position")
+@pytest.mark.parametrize("checksums", [True, False], ids=["manifest", "no_manifest"])
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_latest_step_falls_back_to_the_newest_complete_one(tmp_path, caplog, damage):
+def test_damaged_latest_step_falls_back_to_the_newest_complete_one(tmp_path, caplog, damage,
+                                                                     checksums):
   directory = str(tmp_path / "ckpt")
-  position_1 = _two_steps(directory)
-  corrupt, cause = DAMAGE[damage]
+  position_1 = _two_steps(directory, checksums)
+  corrupt, with_manifest, without_manifest = DAMAGE[damage]
+  cause = with_manifest if checksums else without_manifest
   corrupt(os.path.join(directory, "2"))
 
   ckpt = ckpt_lib.Checkpointer(directory)
@@ -261,8 +268,8 @@ def test_no_complete_step_is_an_error_unless_fresh_start_is_allowed(directory):
     DAMAGE["truncated array file"][0](os.path.join(directory, step))
   ckpt = ckpt_lib.Checkpointer(directory)
   with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r"no complete checkpoint \(step 2: unreadable data.*step 1: "
-                           r"unreadable data.*allow_fresh_start"):
+                     match=r"no complete checkpoint \(step 2: file .* has 7 bytes.*step 1: "
+                           r"file .* has 7 bytes.*allow_fresh_start"):
     ckpt.restore_newest(abstract_state=_abstract(_tree(0.0)), set_aside=True)
   assert ckpt.all_steps() == [1, 2]  # nothing moved: the next attempt stops again
   assert ckpt.restore_newest(abstract_state=_abstract(_tree(0.0)), allow_none_complete=True,
@@ -303,9 +310,7 @@ def test_transient_storage_error_is_not_taken_for_damage(directory, monkeypatch)
 @pytest.mark.reliability(
     fault="one byte flipped inside an array file of the latest step",
     expected="detected as damage (fall back to step 1)")
-@pytest.mark.xfail(strict=True, reason="array chunks carry no checksum (Orbax OCDBT + zstd; only "
-                   "its b-tree nodes have a CRC): the step restores with one wrong value")
-def test_flipped_byte_in_array_data_is_detected(tmp_path):
+def test_flipped_byte_in_array_data_is_detected(tmp_path, caplog):
   rng = np.random.default_rng(0)
   values = {step: rng.standard_normal(4096).astype(np.float32) for step in (1, 2)}
   directory = str(tmp_path / "ckpt")
@@ -319,8 +324,10 @@ def test_flipped_byte_in_array_data_is_detected(tmp_path):
   with open(path, "wb") as f:
     f.write(data)
   ckpt = ckpt_lib.Checkpointer(directory)
-  step, restored = ckpt.restore_newest(abstract_state=_abstract({"w": jnp.zeros(4096)}))
-  assert step == 1 or np.array_equal(restored["state"]["w"], values[2])
+  with caplog.at_level(logging.WARNING):
+    step, restored = ckpt.restore_newest(abstract_state=_abstract({"w": jnp.zeros(4096)}))
+  assert step == 1 and np.array_equal(restored["state"]["w"], values[1])
+  assert "checkpoint step 2" in caplog.text and "changed since the save" in caplog.text
 
 
 # --- through the training loop ---------------------------------------------------------------
@@ -338,7 +345,7 @@ def test_run_resumes_past_a_damaged_step_and_ends_identical(tmp_path, toy, caplo
   with caplog.at_level(logging.WARNING):
     summary = train_lib.train(toy(), resumed)
   assert summary["source"] == "workdir step 2" and summary["final_step"] == 4
-  assert "checkpoint step 4" in caplog.text and "unreadable data" in caplog.text
+  assert "checkpoint step 4" in caplog.text and "has 7 bytes" in caplog.text
   step_a, a = _restore_all(straight)
   step_b, b = _restore_all(resumed)
   assert step_a == step_b == 4
