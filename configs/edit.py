@@ -23,10 +23,11 @@ or on its own from a finished toy T2I run:
   python -m psvae_jax.main --config=configs/edit.py:toy --workdir=/tmp/psvae/toy_edit \
       --config.init=/tmp/psvae/toy/t2i
 Expected (target, not reached yet): recolour success >= 0.7, against 0 for the unedited source
-and the random-init generator. Measured on this preset: 0 for every kind after 1500 of its
-4500 steps (the generator redraws the small edit-world objects as blobs and keeps their
-colour); an earlier chain with an 8x8x16 latent and the tiny MMDiT reached recolour 0.40,
-remove 0.70 after 6000 steps.
+and the random-init generator. Measured on this preset after its 4500 steps (from a 7500-step
+toy T2I run, edit-world objects 12-16 px): recolour 0.05, remove 0.15, add 0, move 0 (20 edits
+per kind); the generator mostly fails to copy the untouched objects (preserved 0.2-0.5). An
+earlier chain with an 8x8x16 latent and the tiny MMDiT reached recolour 0.40, remove 0.70
+after 6000 steps.
 
 Paper scale (T2I settings: batch 730, lr 1e-4, EMA 0.9999; 50k steps from the T2I checkpoint;
 OmniEdit, 1.2M pairs, written as ArrayRecord shards once):
@@ -102,6 +103,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.batch_size = 16
     c.total_steps = 4500
     c.optim.lr = 2e-3
+    c.optim.schedule = "cosine"
     c.optim.warmup_steps = 100
     c.optim.ema_decay = 0.99
     c.log_every = 100

@@ -37,8 +37,10 @@ EDIT_KINDS = ("recolour", "add", "remove", "move")
 WORLD_SEED = 20251217
 
 # Object size: radius in units of a grid cell; squares and triangles are scaled so the three
-# shapes look about equally big. Extent = how far the shape reaches from its centre.
-_RADIUS_RANGE = (0.20, 0.34)
+# shapes look about equally big. Extent = how far the shape reaches from its centre. The range
+# fills the cell nearly as far as the largest triangle allows (12-16 px wide circles at 64 px):
+# an 8 px generator token then sees most of an object, not a sliver of it.
+_RADIUS_RANGE = (0.28, 0.38)
 _SHAPE_SCALE = {"circle": 1.0, "square": 0.85, "triangle": 1.2}
 # The single-object world's radius, in units of the image (16-28 px wide objects at 64 px).
 _SINGLE_RADIUS_RANGE = (0.13, 0.22)

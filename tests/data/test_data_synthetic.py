@@ -33,6 +33,22 @@ def test_render_any_size(size):
   assert set(map(tuple, hard.reshape(-1, 3))) <= {syn.BACKGROUND, *syn.COLOURS.values()}
 
 
+def test_objects_stay_inside_their_cell():
+  """Every object of the grid worlds keeps a gap to its cell border (objects never touch, so
+  the detector and the edit masks see them apart), for the largest radius of each shape."""
+  cell = 1.0 / syn.GRID
+  for i in range(300):
+    for o in syn.sample_scene(syn.example_rng(i, 0)).objects:
+      x0, y0 = o.col * cell, o.row * cell
+      gap = min(o.cx - o.extent - x0, x0 + cell - o.cx - o.extent,
+                o.cy - o.extent - y0, y0 + cell - o.cy - o.extent)
+      assert gap >= syn._CELL_MARGIN - 1e-9, (i, o)
+  for shape in syn.SHAPES:
+    big = syn.sample_object(np.random.default_rng(0), 1, 1, shape=shape,
+                            radius=syn._RADIUS_RANGE[1] * cell)
+    assert big.extent + syn._CELL_MARGIN <= cell / 2
+
+
 def _caption_counts(text: str) -> dict:
   counts = {}
   for number, colour, shape in re.findall(r"\b(an?|two|three|four) (\w+) (circle|square|triangle)s?\b", text):
