@@ -97,3 +97,17 @@ def test_unknown_accelerator_stops_before_any_benchmark(monkeypatch, tmp_path, c
   assert bench_run.main(["--suite=gpu_paper", f"--out={tmp_path}"]) == 2
   assert not started
   assert "'Mystery GPU'" in capsys.readouterr().err
+
+
+def test_cpu_table_uses_one_peak_for_every_mfu():
+  """The CPU table's MFU column is against the highest peak measured by any of its processes."""
+  results = {
+      "mmdit_step": {"layers": 8, "width": 512, "batch": 8, "jax_steps_per_s": 0.4,
+                     "torch_steps_per_s": 0.3, "ratio": 1.33, "jax_flops_per_s": 2e11,
+                     "jax_fraction_of_peak": 0.5, "measured_matmul_peak_flops_per_s": 4e11},
+      "encoder_forward": {"batch": 8, "jax_images_per_s": 2.0, "torch_images_per_s": 1.0,
+                          "ratio": 2.0, "flops_per_image": 5e10}}
+  peak = bench_run.common_cpu_peak(3e11, results)
+  assert peak == 4e11
+  rows = bench_run.table_rows(results, peak)
+  assert rows[1][-1] == "25.0%" and rows[2][-1] == "50.0%"  # encoder 1e11, MMDiT 2e11 of 4e11
