@@ -145,7 +145,7 @@ class Checkpointer:
     that retention has not removed."""
     self.manager.wait_until_finished()
     steps, self._steps_without_manifest = self._steps_without_manifest, []
-    if jax.process_index() != 0:
+    if not steps or jax.process_index() != 0:
       return
     kept = set(self.all_steps())
     for step in steps:
