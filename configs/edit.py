@@ -65,6 +65,9 @@ def _from_t2i(preset: str) -> ml_collections.ConfigDict:
   c.model.require_init = True
   # Train the text encoder with the generator (default frozen, as the paper's Qwen2.5).
   c.model.train_text_encoder = False
+  # > 0: a learned per-cell code shared by the target and the source token of each latent cell
+  # (psvae_jax.models.mmdit.MMDiTConfig.edit_position_std), drawn from N(0, std^2).
+  c.model.edit_position_std = 0.0
   # Condition dropout, exclusive events per example (InstructPix2Pix: 5% each): the
   # instruction alone, the source alone, both. They train the guidance branches.
   c.flow.caption_dropout = 0.05

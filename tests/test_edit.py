@@ -257,7 +257,7 @@ def t2i_run(tmp_path_factory):
 
 def test_init_from_a_t2i_run(t2i_run):
   t2i_dir, _, t2i_params, t2i_ema = t2i_run
-  config = tiny_edit_config(init=t2i_dir)
+  config = tiny_edit_config(init=t2i_dir, **{"model.edit_position_std": 0.5})
   task = get_task(config)
   mesh = sharding.make_mesh({"data": 1}, ONE_DEVICE)
   with jax.set_mesh(mesh):
@@ -268,9 +268,10 @@ def test_init_from_a_t2i_run(t2i_run):
     loaded = jax.device_get(task.load_init(params, t2i_dir).to_pure_dict())
   same = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
   generator = dict(loaded["generator"])
-  # The new source embedding keeps its initial value; everything else is the T2I run's (the
-  # generator from its EMA, not its raw parameters).
+  # The new source embedding and cell codes keep their initial values; everything else is the
+  # T2I run's (the generator from its EMA, not its raw parameters).
   np.testing.assert_array_equal(generator.pop("source_embedding"), np.float32(0.01))
+  np.testing.assert_array_equal(generator.pop("edit_positions"), np.float32(0.01))
   assert same(generator, t2i_ema["generator"])
   assert not same(generator, t2i_params["generator"])
   for group in edit._FROM_T2I:

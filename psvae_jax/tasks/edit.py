@@ -6,8 +6,11 @@ Sequence concatenation (not channel concatenation): the image stream of the MMDi
   [noisy target latent tokens (x_t), clean source latent tokens]
 with full attention among all image tokens (and the text tokens). Source tokens get the same 2D
 position embedding as the target tokens of the same grid cell plus a learned source embedding
-(`MMDiT.source_embedding`, the only new parameter; it starts small, 0.02 * N(0, 1)); they share
-the image stream's weights and timestep modulation. The instruction is the text stream.
+(`MMDiT.source_embedding`, a new parameter; it starts small, 0.02 * N(0, 1)); they share
+the image stream's weights and timestep modulation. With config.model.edit_position_std > 0 a
+learned code per latent cell (`MMDiT.edit_positions`, also new) is added to the target and the
+source token of that cell, so that a target token can find its own cell's source token (the
+sincos embedding barely separates neighbouring cells). The instruction is the text stream.
   x0 = latents of the target image, s = latents of the source image (both normalised as in T2I)
   x_t = (1 - t) x0 + t eps     (the source is never noised)
   loss = MSE(v(x_t, t, s, instruction) - (eps - x0)) over the TARGET tokens only: the
@@ -58,7 +61,9 @@ _FROM_T2I = ("text_encoder", "encoder", "svae", "pixel_decoder", "latent_norm")
 # config.model keys that must equal the T2I run's (shapes, layout or behaviour of what is loaded).
 _MATCH_T2I = ("generator", "ddt_head", "patch_size", "qk_norm", "pos_embed", "causal_text",
               "scan_layers", "text_encoder", "tokenizer", "autoencoder")
-_NOT_SHAPE_KEYS = ("remat",)  # inside config.model.autoencoder
+_NOT_SHAPE_KEYS = ("remat",)
+# Generator parameters a T2I run does not have.
+_EDIT_ONLY = ("source_embedding", "edit_positions")  # inside config.model.autoencoder
 
 
 # --- velocities ----------------------------------------------------------------------------
@@ -181,7 +186,10 @@ class EditTask(t2i.T2ITask):
     if bad or sum(probs.values()) > 1.0:
       raise ConfigError(f"condition dropout probabilities must be in [0, 1] and sum to <= 1 "
                         f"(they are exclusive events): {probs}")
-    self.generator = dataclasses.replace(self.generator, edit=True)
+    # Runs written before config.model.edit_position_std existed had none.
+    self.generator = dataclasses.replace(
+        self.generator, edit=True,
+        edit_position_std=float(config.model.get("edit_position_std", 0.0)))
     if config.model.train_text_encoder:
       # The text encoder trains with the generator (toy runs, whose text encoder is random).
       self.frozen_params = r"^(encoder|svae|pixel_decoder|latent_norm)\."
@@ -202,9 +210,9 @@ class EditTask(t2i.T2ITask):
     what = f"the T2I run {path} (step {extras['step']})"
     for group in _FROM_T2I:
       params = common.fill_subtree(params, group, source[group], what=what)
-    # The generator minus the new source embedding, which keeps its initial (small) value.
+    # The generator minus the new edit parameters, which keep their initial values.
     generator = params["generator"]
-    shared = nnx.State({k: generator[k] for k in generator.keys() if k != "source_embedding"})
+    shared = nnx.State({k: generator[k] for k in generator.keys() if k not in _EDIT_ONLY})
     common.fill_subtree(nnx.State({"generator": shared}), "generator", source["generator"],
                         what=what)
     return params

@@ -155,8 +155,10 @@ def test_causal_text_mask():
   assert_close(run(causal_model, x, text.at[0, 4].set(9.0), pooled, t, text_mask=pad), out)
 
 
-def test_edit_source_tokens():
-  model = build(dataclasses.replace(SMALL, edit=True, ddt_head=HEAD))
+@pytest.mark.parametrize("edit_position_std", [0.0, 0.5])
+def test_edit_source_tokens(edit_position_std):
+  model = build(dataclasses.replace(SMALL, edit=True, ddt_head=HEAD,
+                                    edit_position_std=edit_position_std))
   x, text, pooled, t = inputs()
   source = jax.random.normal(jax.random.key(7), (2, 12, 12, 4))  # its own 6x6 patch grid
   present = jnp.ones((2,), bool)
@@ -176,6 +178,26 @@ def test_edit_source_tokens():
   assert max_err(call(source[:, :8, :8], present), same) > 1e-4
   with pytest.raises(ValueError, match="config.edit=False"):
     nnx.eval_shape(lambda: build()(x, text, pooled, t, source_latents=source))
+
+
+def test_edit_position_codes_are_shared_by_target_and_source_cells():
+  config = dataclasses.replace(SMALL, edit=True, edit_position_std=0.5)
+  model = build(config, randomized=False)
+  assert build(dataclasses.replace(config, edit_position_std=0.0)).edit_positions is None
+  table = model.edit_positions[...]
+  assert table.shape == (config.pos_grid ** 2, config.width)
+  assert 0.4 < float(jnp.std(table)) < 0.6  # drawn from N(0, 0.5^2)
+  # Target and source tokens of one cell get the same code: with the source embedding at 0,
+  # equal latents embed to equal tokens, and the codes differ between cells.
+  model.source_embedding.set_value(jnp.zeros_like(model.source_embedding[...]))
+  x = jax.random.normal(jax.random.key(3), (1, 8, 8, 4))
+  with_codes = model._embed_image(x, (4, 4))
+  model.edit_positions.set_value(jnp.zeros_like(table))
+  codes = with_codes - model._embed_image(x, (4, 4))
+  np.testing.assert_allclose(codes[0], mmdit.crop_pos_grid(table, config.pos_grid, 4, 4),
+                             atol=1e-6)
+  distances = jnp.linalg.norm(codes[0][:, None] - codes[0][None], axis=-1)
+  assert float(jnp.min(distances + 1e3 * jnp.eye(16))) > 0.5  # every cell its own code
 
 
 def _flat_params(model):
