@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from typing import Any
 
 import jax
@@ -89,6 +90,10 @@ class Checkpointer:
     self.directory = _abs(directory)
     self.checksums = checksums
     self._steps_without_manifest: list[int] = []
+    # Process 0 hashes finalized steps in this thread while training goes on (see
+    # _write_manifests); its failure is raised at the next save, wait or close.
+    self._hashing: threading.Thread | None = None
+    self._hashing_error: Exception | None = None
     if create:
       for name in unfinished_writes(self.directory):
         logging.warning("checkpoint %s/%s was never finalized (the writing process stopped "
@@ -127,30 +132,66 @@ class Checkpointer:
     if config_json is not None:
       items["config"] = ocp.args.JsonSave(json.loads(config_json))
     items["extras"] = ocp.args.JsonSave(extras or {})
-    self._write_manifests()  # the previous save (Orbax waits for it before starting this one)
+    # The previous save is finalized first (Orbax waits for it before starting this one); its
+    # manifest is then written in the background.
+    self._write_manifests(background=True)
     saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved and self.checksums:
       self._steps_without_manifest.append(step)
     return saved
 
   def wait(self) -> None:
-    self._write_manifests()
+    """Waits for the running save and writes the manifests of every finalized step."""
+    self._write_manifests(background=False)
 
   def close(self) -> None:
-    self._write_manifests()
+    self._write_manifests(background=False)
     self.manager.close()
 
-  def _write_manifests(self) -> None:
-    """Waits for the running save, then (process 0) hashes the steps saved since the last call
-    that retention has not removed."""
+  def _write_manifests(self, *, background: bool) -> None:
+    """Waits for the running save and for the hashing thread, then (process 0) hashes the steps
+    saved since the last call that retention has not removed: in a new thread when
+    `background`, else here."""
     self.manager.wait_until_finished()
+    self._join_hashing()
     steps, self._steps_without_manifest = self._steps_without_manifest, []
     if not steps or jax.process_index() != 0:
       return
     kept = set(self.all_steps())
+    steps = [s for s in steps if s in kept]
+    if not steps:
+      return
+    if not background:
+      self._hash_steps(steps)
+      self._join_hashing()  # raises what the hashing met
+      return
+    self._hashing = threading.Thread(target=self._hash_steps, args=(steps,), daemon=True,
+                                     name="checkpoint-manifests")
+    self._hashing.start()
+
+  def _hash_steps(self, steps: list[int]) -> None:
     for step in steps:
-      if step in kept:
-        checksums.write_manifest(self.step_dir(step))
+      step_dir = self.step_dir(step)
+      try:
+        checksums.write_manifest(step_dir)
+      except FileNotFoundError as e:
+        if epath.Path(step_dir).exists():
+          self._hashing_error = e
+          return
+        # Retention removed the step while it was hashed: nothing left to guard.
+        logging.info("checkpoint %s was removed before its manifest was written", step_dir)
+      except (OSError, ValueError) as e:
+        self._hashing_error = e
+        return
+
+  def _join_hashing(self) -> None:
+    if self._hashing is not None:
+      self._hashing.join()
+      self._hashing = None
+    if self._hashing_error is not None:
+      error, self._hashing_error = self._hashing_error, None
+      raise CheckpointError(f"writing a checksum manifest under {self.directory} failed: "
+                            f"{type(error).__name__}: {error}") from error
 
   # --- restore -----------------------------------------------------------------------------
   def step_dir(self, step: int) -> str:

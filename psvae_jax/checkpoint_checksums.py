@@ -8,8 +8,9 @@ file, another size or another digest is damage, reported with the file's name.
 
 A step without a manifest (the process died between the finalized save and the manifest, or the
 step predates manifests) is restored unchecked, and `verify_manifest` says so to its caller.
-Cost: one extra read of the checkpoint after each save (process 0, in the calling thread at
-the next save, wait or close, so the training loop waits for it) and one before each restore.
+Cost: one extra read of the checkpoint after each save and one before each restore. The
+Checkpointer hashes a step on process 0 in a background thread started at the next save (the
+training loop goes on meanwhile; the save after that waits for it), or at once in wait/close.
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 before a restore; every kind of change to a step's files is named."""
 import json
 import os
+import shutil
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +76,52 @@ def test_steps_without_manifest_restore_unchecked(tmp_path):
   reader = ckpt_lib.Checkpointer(directory, create=False)
   restored = reader.restore(1, abstract_state=_state(0.0))
   np.testing.assert_array_equal(restored["state"]["w"], np.full(64, 1.0, np.float32))
+
+
+def test_manifests_are_hashed_while_training_goes_on(tmp_path, monkeypatch):
+  hashing, release = threading.Event(), threading.Event()
+  write = checksums.write_manifest
+
+  def slow_write(step_dir):
+    hashing.set()
+    assert release.wait(30)
+    return write(step_dir)
+
+  monkeypatch.setattr(checksums, "write_manifest", slow_write)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  ckpt.save(1, state=_state(1.0))
+  ckpt.save(2, state=_state(2.0))  # returns while step 1 is being hashed
+  assert hashing.wait(30)
+  step_1 = os.path.join(ckpt.directory, "1")
+  assert not os.path.exists(os.path.join(step_1, checksums.MANIFEST_FILE))
+  release.set()
+  ckpt.wait()  # joins the thread and hashes step 2 itself
+  for step in ("1", "2"):
+    assert checksums.verify_manifest(os.path.join(ckpt.directory, step))
+  ckpt.close()
+
+
+def test_a_failed_background_manifest_is_raised_at_the_next_call(tmp_path, monkeypatch):
+  def failing_write(step_dir):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(checksums, "write_manifest", failing_write)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  ckpt.save(1, state=_state(1.0))
+  ckpt.save(2, state=_state(2.0))
+  with pytest.raises(ckpt_lib.CheckpointError, match="checksum manifest .* No space left"):
+    ckpt.wait()
+  monkeypatch.setattr(checksums, "write_manifest", lambda step_dir: 0)
+  ckpt.close()  # the error was reported once; nothing else is pending
+
+
+def test_a_step_removed_by_retention_while_hashed_is_skipped(tmp_path, monkeypatch):
+  def removed_meanwhile(step_dir):
+    shutil.rmtree(step_dir)
+    raise FileNotFoundError(step_dir)
+
+  monkeypatch.setattr(checksums, "write_manifest", removed_meanwhile)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  ckpt.save(1, state=_state(1.0))
+  ckpt.wait()  # no error: the step is gone, nothing is left to guard
+  ckpt.close()
