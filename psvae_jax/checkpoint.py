@@ -235,11 +235,40 @@ class Checkpointer:
           raise IncompleteCheckpointError(str(step_dir),
                                           f"item '{name}': _METADATA lists no arrays")
     try:
-      if not checksums.verify_manifest(str(step_dir)):
+      if not self._verify_checksums(str(step_dir)):
         logging.info("checkpoint %s has no %s: restored without a checksum check", step_dir,
                      checksums.MANIFEST_FILE)
     except checksums.ChecksumError as e:
       raise IncompleteCheckpointError(str(step_dir), str(e)) from e
+
+  @staticmethod
+  def _verify_checksums(step_dir: str) -> bool:
+    """`checksums.verify_manifest` split over the processes: each hashes its part of the
+    files, and every process raises a ChecksumError naming the same file (the first failing
+    one in manifest order, re-checked here to say what differs) when any part fails."""
+    count = jax.process_count()
+    if count == 1:
+      return checksums.verify_manifest(step_dir)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    expected = checksums.read_manifest(step_dir)  # every process reads the same manifest
+    if expected is None:
+      return False
+    names = sorted(expected)
+    mine = checksums.shard_files(expected, count)[jax.process_index()]
+    first_bad = len(names)
+    try:
+      checksums.check_files(step_dir, expected, mine)
+    except checksums.ChecksumError as e:
+      first_bad = names.index(e.file)
+    found = np.asarray(multihost_utils.process_allgather(np.int32(first_bad)))
+    worst = int(found.min())
+    if worst < len(names):
+      checksums.check_files(step_dir, expected, [names[worst]])  # raises, naming the file
+      raise checksums.ChecksumError(f"file {names[worst]} failed its check on another process",
+                                    names[worst])
+    return True
 
   def restore(self, step: int, *, abstract_state=None, abstract_ema=None, data_iterator=None,
               with_extras: bool = True) -> dict[str, Any]:

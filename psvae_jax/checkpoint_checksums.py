@@ -6,6 +6,10 @@ of the step directory into `<step>/checksums.json` (size and SHA-256 per file, w
 temporary name and a rename). Before a step is restored its files are hashed again; a missing
 file, another size or another digest is damage, reported with the file's name.
 
+With several processes, each hashes its own part of the files (about equal bytes) and the
+verdicts are combined (`Checkpointer.verify`), so a restore reads the step's files once more in
+all, not once per process.
+
 A step without a manifest (the process died between the finalized save and the manifest, or the
 step predates manifests) is restored unchecked, and `verify_manifest` says so to its caller.
 Cost: one extra read of the checkpoint after each save and one before each restore. The
@@ -25,7 +29,12 @@ _CHUNK_BYTES = 1 << 22
 
 
 class ChecksumError(ValueError):
-  """A step's files differ from its manifest (or the manifest itself is unreadable)."""
+  """A step's files differ from its manifest (or the manifest itself is unreadable); `file` is
+  the differing file's name in the manifest (None for the manifest itself)."""
+
+  def __init__(self, message: str, file: str | None = None):
+    super().__init__(message)
+    self.file = file
 
 
 def _files(step_dir: epath.Path) -> list[epath.Path]:
@@ -64,13 +73,12 @@ def write_manifest(step_dir: str) -> int:
   return len(files)
 
 
-def verify_manifest(step_dir: str) -> bool:
-  """Checks a step's files against its manifest: True when they match, False when the step has
-  no manifest; raises ChecksumError naming the first differing file."""
-  root = epath.Path(step_dir)
-  manifest_path = root / MANIFEST_FILE
+def read_manifest(step_dir: str) -> dict[str, dict] | None:
+  """The manifest's file table {relative name: {'size', 'sha256'}}, or None when the step has
+  no manifest; raises ChecksumError when it is unreadable."""
+  manifest_path = epath.Path(step_dir) / MANIFEST_FILE
   if not manifest_path.exists():
-    return False
+    return None
   try:
     manifest = json.loads(manifest_path.read_text())
     expected = manifest["files"]
@@ -78,13 +86,44 @@ def verify_manifest(step_dir: str) -> bool:
       raise ValueError(f"unexpected algorithm {manifest['algorithm']!r} or file table")
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ChecksumError(f"{MANIFEST_FILE} unreadable ({type(e).__name__}: {e})") from e
-  for name, want in sorted(expected.items()):
+  return expected
+
+
+def shard_files(expected: dict[str, dict], num_shards: int) -> list[list[str]]:
+  """Splits the manifest's files over `num_shards` readers with about equal bytes each (largest
+  first, each to the least loaded reader); the same split on every process."""
+  shards: list[list[str]] = [[] for _ in range(num_shards)]
+  loads = [0] * num_shards
+  for name in sorted(expected, key=lambda n: (-int(expected[n]["size"]), n)):
+    least = loads.index(min(loads))
+    shards[least].append(name)
+    loads[least] += int(expected[name]["size"])
+  return shards
+
+
+def check_files(step_dir: str, expected: dict[str, dict], names) -> None:
+  """Hashes the named files of a step against the manifest's table; raises ChecksumError naming
+  the first (in sorted order) that is missing or differs."""
+  root = epath.Path(step_dir)
+  for name in sorted(names):
+    want = expected[name]
     path = root / name
     if not path.exists():
-      raise ChecksumError(f"file {name} listed in {MANIFEST_FILE} is missing")
+      raise ChecksumError(f"file {name} listed in {MANIFEST_FILE} is missing", name)
     size, digest = file_digest(path)
     if size != want["size"]:
-      raise ChecksumError(f"file {name} has {size} bytes, {want['size']} when saved")
+      raise ChecksumError(f"file {name} has {size} bytes, {want['size']} when saved", name)
     if digest != want[_ALGORITHM]:
-      raise ChecksumError(f"file {name} changed since the save ({_ALGORITHM} differs)")
+      raise ChecksumError(f"file {name} changed since the save ({_ALGORITHM} differs)", name)
+
+
+def verify_manifest(step_dir: str, *, shard: int = 0, num_shards: int = 1) -> bool:
+  """Checks a step's files against its manifest: True when they match, False when the step has
+  no manifest; raises ChecksumError naming the first differing file. With num_shards > 1 only
+  this reader's part of the files (`shard_files`) is hashed."""
+  expected = read_manifest(step_dir)
+  if expected is None:
+    return False
+  names = shard_files(expected, num_shards)[shard] if num_shards > 1 else list(expected)
+  check_files(step_dir, expected, names)
   return True

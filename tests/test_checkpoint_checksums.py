@@ -1,8 +1,12 @@
 """Checksum manifests of checkpoint steps: written once a (async) save is finalized, checked
 before a restore; every kind of change to a step's files is named."""
+import ast
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 
 import jax.numpy as jnp
@@ -11,6 +15,8 @@ import pytest
 
 from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import checkpoint_checksums as checksums
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _state(value: float) -> dict:
@@ -125,3 +131,86 @@ def test_a_step_removed_by_retention_while_hashed_is_skipped(tmp_path, monkeypat
   ckpt.save(1, state=_state(1.0))
   ckpt.wait()  # no error: the step is gone, nothing is left to guard
   ckpt.close()
+
+
+def test_shards_cover_every_file_once_with_about_equal_bytes():
+  expected = {f"f{i}": {"size": size, "sha256": ""}
+              for i, size in enumerate([900, 500, 400, 300, 100, 100, 50, 0])}
+  shards = checksums.shard_files(expected, 3)
+  assert sorted(n for shard in shards for n in shard) == sorted(expected)
+  loads = [sum(expected[n]["size"] for n in shard) for shard in shards]
+  assert sorted(loads) == [700, 750, 900], loads  # no reader more than the largest file
+  assert checksums.shard_files(expected, 3) == shards  # the same split on every process
+
+
+def test_each_shard_checks_only_its_files(tmp_path):
+  directory = _saved(tmp_path, steps=(1,), async_save=False)
+  step_dir = os.path.join(directory, "1")
+  expected = checksums.read_manifest(step_dir)
+  shards = checksums.shard_files(expected, 2)
+  damaged = shards[1][0]
+  with open(os.path.join(step_dir, damaged), "ab") as f:
+    f.write(b"x")
+  assert checksums.verify_manifest(step_dir, shard=0, num_shards=2)
+  with pytest.raises(checksums.ChecksumError, match=f"{damaged} has") as info:
+    checksums.verify_manifest(step_dir, shard=1, num_shards=2)
+  assert info.value.file == damaged
+
+
+_TWO_PROCESS_VERIFY = """
+import sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from psvae_jax import checkpoint as ckpt_lib
+from psvae_jax import checkpoint_checksums as checksums
+hashed = []
+check_files = checksums.check_files
+def counting(step_dir, expected, names):
+  hashed.extend(names)
+  return check_files(step_dir, expected, names)
+checksums.check_files = counting
+reader = ckpt_lib.Checkpointer(sys.argv[3], create=False)
+for step in (1, 2):
+  hashed.clear()
+  try:
+    reader.verify(step)
+    print(f"step {step}: ok, hashed {sorted(hashed)}")
+  except ckpt_lib.IncompleteCheckpointError as e:
+    print(f"step {step}: damaged: {e.cause}")
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_split_the_hashing_and_agree(tmp_path):
+  directory = _saved(tmp_path, steps=(1, 2), async_save=False)
+  expected = checksums.read_manifest(os.path.join(directory, "2"))
+  # An array data file hashed by process 1 only.
+  damaged = next(n for n in checksums.shard_files(expected, 2)[1] if "/d/" in n)
+  with open(os.path.join(directory, "2", damaged), "ab") as f:
+    f.write(b"x")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+         "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_VERIFY, address, str(pid),
+                             directory], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for pid in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=120)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  assert all(proc.returncode == 0 for proc in procs), "\n".join(outputs)
+  hashed = []
+  for out in outputs:
+    # Both processes reject step 2 and name the same file; only process 1 hashed it.
+    assert f"step 2: damaged: file {damaged} has" in out, out
+    line = next(l for l in out.splitlines() if l.startswith("step 1: ok"))
+    hashed.append(set(ast.literal_eval(line.split("hashed ", 1)[1])))
+  assert not hashed[0] & hashed[1]
+  assert hashed[0] | hashed[1] == set(checksums.read_manifest(os.path.join(directory, "1")))
