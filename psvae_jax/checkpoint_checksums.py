@@ -117,13 +117,11 @@ def check_files(step_dir: str, expected: dict[str, dict], names) -> None:
       raise ChecksumError(f"file {name} changed since the save ({_ALGORITHM} differs)", name)
 
 
-def verify_manifest(step_dir: str, *, shard: int = 0, num_shards: int = 1) -> bool:
+def verify_manifest(step_dir: str) -> bool:
   """Checks a step's files against its manifest: True when they match, False when the step has
-  no manifest; raises ChecksumError naming the first differing file. With num_shards > 1 only
-  this reader's part of the files (`shard_files`) is hashed."""
+  no manifest; raises ChecksumError naming the first differing file."""
   expected = read_manifest(step_dir)
   if expected is None:
     return False
-  names = shard_files(expected, num_shards)[shard] if num_shards > 1 else list(expected)
-  check_files(step_dir, expected, names)
+  check_files(step_dir, expected, expected)
   return True

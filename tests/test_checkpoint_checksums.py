@@ -151,9 +151,9 @@ def test_each_shard_checks_only_its_files(tmp_path):
   damaged = shards[1][0]
   with open(os.path.join(step_dir, damaged), "ab") as f:
     f.write(b"x")
-  assert checksums.verify_manifest(step_dir, shard=0, num_shards=2)
+  checksums.check_files(step_dir, expected, shards[0])
   with pytest.raises(checksums.ChecksumError, match=f"{damaged} has") as info:
-    checksums.verify_manifest(step_dir, shard=1, num_shards=2)
+    checksums.check_files(step_dir, expected, shards[1])
   assert info.value.file == damaged
 
 

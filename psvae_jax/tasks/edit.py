@@ -61,9 +61,9 @@ _FROM_T2I = ("text_encoder", "encoder", "svae", "pixel_decoder", "latent_norm")
 # config.model keys that must equal the T2I run's (shapes, layout or behaviour of what is loaded).
 _MATCH_T2I = ("generator", "ddt_head", "patch_size", "qk_norm", "pos_embed", "causal_text",
               "scan_layers", "text_encoder", "tokenizer", "autoencoder")
-_NOT_SHAPE_KEYS = ("remat",)
+_NOT_SHAPE_KEYS = ("remat",)  # inside config.model.autoencoder
 # Generator parameters a T2I run does not have.
-_EDIT_ONLY = ("source_embedding", "edit_positions")  # inside config.model.autoencoder
+_EDIT_ONLY = ("source_embedding", "edit_positions")
 
 
 # --- velocities ----------------------------------------------------------------------------
