@@ -99,8 +99,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.total_steps = 40
     c.flow.sample_steps = 20
   elif preset == "toy":
-    # The toy T2I model (configs/t2i.py:toy, 16x16x8 latent, tiny MMDiT + DDT head, training
-    # shift 3) continues on the edit world.
+    # The toy T2I model (configs/t2i.py:toy: 16x16x8 latent, the small MMDiT on 2x2 patches +
+    # DDT head, trained at shift 2) continues on the edit world.
     _synthetic_edits(c)
     c.batch_size = 16
     # 12000 steps: the t = 0.9 eval loss (the step that needs the source most) still fell from
