@@ -26,6 +26,7 @@ from flax import nnx
 
 from psvae_jax.models import dense
 from psvae_jax.models import remat as remat_lib
+from psvae_jax.models.grad_barrier import materialize_grad
 from psvae_jax.models.attention import dot_product_attention
 from psvae_jax.models.resize import resize_bicubic
 from psvae_jax.sharding import constrain
@@ -227,6 +228,7 @@ def apply_layers(layers, x: jax.Array, call, *, scanned: bool, remat: bool | str
     return jax.lax.scan(lambda h, s: (body(s, h), None), x, state)[0]
   remat = remat_lib.policy_name(remat)
   for layer in layers:
+    x = materialize_grad(x)  # see psvae_jax.models.grad_barrier
     if remat:
       graphdef, state = nnx.split(layer)
       x = remat_lib.checkpoint(lambda s, h, g=graphdef: step(g, s, h), remat)(state, x)
@@ -254,9 +256,13 @@ class PatchEmbed(nnx.Module):
     gh, gw = height // p, width // p
     # Like torch's stride-p conv, trailing rows/cols that do not fill a patch are dropped.
     x = pixels[:, :gh * p, :gw * p].astype(self.dtype)
-    x = x.reshape(batch, gh, p, gw, p, channels)
-    # As a matmul over (p, p, c) per patch: the same result as the conv, friendlier to XLA CPU.
-    return jnp.einsum("bhpwqc,pqcd->bhwd", x, self.kernel[...].astype(self.dtype)) + \
+    x = x.reshape(batch, gh, p, gw, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    # As one 2-D matmul over the flattened (p, p, c) patches: the same result as the conv. The
+    # einsum form's weight gradient made XLA:CPU write the transposed (width, tokens) gradient
+    # of the whole residual stream inside one loop fusion (18% of an MMDiT training step).
+    x = x.reshape(batch, gh, gw, p * p * channels)
+    kernel = self.kernel[...].astype(self.dtype)
+    return dense.project(x, kernel.reshape(-1, kernel.shape[-1])) + \
         self.bias[...].astype(self.dtype)
 
 
