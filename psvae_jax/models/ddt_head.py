@@ -32,6 +32,7 @@ from flax import nnx
 from psvae_jax.models.attention import dot_product_attention
 from psvae_jax.models.vit import Mlp
 from psvae_jax.models import dense
+from psvae_jax.models.grad_barrier import materialize_grad
 from psvae_jax.sharding import constrain
 
 Dtype = Any
@@ -197,6 +198,6 @@ class DDTHead(nnx.Module):
       rope = (jnp.asarray(cos), jnp.asarray(sin))
     cond_act = jax.nn.silu(cond)
     for block in self.blocks:
-      x = block(x, cond_act, rope, mask)
+      x = block(materialize_grad(x), cond_act, rope, mask)
     shift, scale = jnp.split(self.final_modulation(cond_act), 2, axis=-1)
     return self.final_linear(self.final_norm(x) * (1 + scale) + shift)

@@ -55,6 +55,7 @@ from flax import nnx
 
 from psvae_jax.models import remat as remat_lib
 from psvae_jax.models.attention import dot_product_attention
+from psvae_jax.models.grad_barrier import materialize_grad
 from psvae_jax.models.ddt_head import DDTHead, DDTHeadConfig, RMSNorm
 from psvae_jax.models.vit import Mlp, PatchEmbed
 from psvae_jax.models import dense
@@ -562,7 +563,8 @@ class MMDiT(nnx.Module):
 
   def _run_blocks(self, txt, img, cond_act, mask):
     def body(block, carry):
-      return block(carry[0], carry[1], cond_act, mask)
+      # materialize_grad: see psvae_jax.models.grad_barrier (XLA:CPU backward fusion)
+      return block(*materialize_grad(carry), cond_act, mask)
 
     body = remat_lib.nnx_checkpoint(body, self.remat_policy)
     carry = (txt, img)
