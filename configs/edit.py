@@ -23,7 +23,8 @@ or on its own from a finished toy T2I run:
   python -m psvae_jax.main --config=configs/edit.py:toy --workdir=/tmp/psvae/toy_edit \
       --config.init=/tmp/psvae/toy/t2i
 Expected (target: recolour success >= 0.7). Measured on this preset after its 12000 steps (from
-the 9500-step toy T2I run, 20 held-out edits per kind, cfg 3 / image cfg 1.5): recolour 0.95,
+an earlier 9500-step toy T2I run whose generator had the DDT head, which configs/t2i.py:toy no
+longer has; 20 held-out edits per kind, cfg 3 / image cfg 1.5): recolour 0.95,
 add 0.85, remove 0.90, move 0.80 (all 0.88); the unedited source, the reconstruction and the
 random-init generator 0 for every kind. With the T2I's training shift 2 instead of 6 the same
 run reached recolour 0.05, remove 0.60 (all 0.21): it copied the source but ignored the colour.
@@ -99,8 +100,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.total_steps = 40
     c.flow.sample_steps = 20
   elif preset == "toy":
-    # The toy T2I model (configs/t2i.py:toy: 16x16x8 latent, the small MMDiT on 2x2 patches +
-    # DDT head, trained at shift 2) continues on the edit world.
+    # The toy T2I model (configs/t2i.py:toy: 16x16x8 latent, the small MMDiT on 2x2 patches,
+    # no DDT head, trained at shift 2) continues on the edit world.
     _synthetic_edits(c)
     c.batch_size = 16
     # 12000 steps: the t = 0.9 eval loss (the step that needs the source most) still fell from
