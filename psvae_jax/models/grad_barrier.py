@@ -8,7 +8,8 @@ fusions recomputed the gradient chain of all blocks after it (quadratic in depth
 `jax.lax.optimization_barrier` does not stop this (XLA:CPU removes barriers before fusion), but
 XLA never duplicates an op it counts as expensive, and a full-size float divide is one: the
 backward pass returns g / (1 + 0 * g), which equals g for every finite g (an infinite element
-becomes NaN; the step's gradients are non-finite either way, and the training loop skips or stops on such a step).
+becomes NaN; the step's gradients are non-finite either way, and the training loop skips or
+stops on such a step).
 """
 import jax
 
