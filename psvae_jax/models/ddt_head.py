@@ -30,9 +30,8 @@ import numpy as np
 from flax import nnx
 
 from psvae_jax.models.attention import dot_product_attention
-from psvae_jax.models.vit import Mlp
+from psvae_jax.models.vit import Mlp, apply_layers
 from psvae_jax.models import dense
-from psvae_jax.models.grad_barrier import materialize_grad
 from psvae_jax.sharding import constrain
 
 Dtype = Any
@@ -197,7 +196,7 @@ class DDTHead(nnx.Module):
                                 self.config.rope_theta)
       rope = (jnp.asarray(cos), jnp.asarray(sin))
     cond_act = jax.nn.silu(cond)
-    for block in self.blocks:
-      x = block(materialize_grad(x), cond_act, rope, mask)
+    x = apply_layers(self.blocks, x, lambda block, h: block(h, cond_act, rope, mask),
+                     scanned=False, remat=False)
     shift, scale = jnp.split(self.final_modulation(cond_act), 2, axis=-1)
     return self.final_linear(self.final_norm(x) * (1 + scale) + shift)
