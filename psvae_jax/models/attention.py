@@ -22,6 +22,16 @@ IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 _CPU_QUERY_CHUNK = 256
 
 
+def unstack(x: jax.Array, axis: int) -> list[jax.Array]:
+  """The slices of `x` along `axis` (that axis removed), e.g. q, k, v of a fused projection.
+
+  Same values as `list(jnp.moveaxis(x, axis, 0))`, but built on `lax.split`, whose gradient is
+  one concatenate; indexing's gradient is a zero-padded full-size array per slice, summed (an
+  8-layer MMDiT training step wrote 59 such arrays on XLA:CPU).
+  """
+  return [jnp.squeeze(part, axis) for part in jnp.split(x, x.shape[axis], axis=axis)]
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           mask: jax.Array | None = None, impl: str = "xla",
                           scale: float | None = None) -> jax.Array:
@@ -64,45 +74,85 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 
 def _xla_attention(q, k, v, mask, scale):
-  batch, q_len, heads, head_dim = q.shape
-  kv_len, kv_heads = k.shape[1], k.shape[2]
-  groups = heads // kv_heads
+  q_len, kv_len = q.shape[1], k.shape[1]
+  groups = q.shape[2] // k.shape[2]
   # Heads-major layout with explicit transposes: the batched matmuls then have leading batch
   # dims, which XLA:CPU runs about 2x faster than einsums over the (batch, seq, heads, head_dim)
-  # layout. Query head h uses key/value head h // groups (transformers' repeat_kv): the queries
-  # of a group are stacked along the query axis, (batch, kv_heads, groups * q_len, head_dim),
-  # so every case is a 4-D batched matmul and repeated keys/values are never materialised. The
+  # layout. (The repeated-key/value and mask handling is in _attend_queries.)
+  kt = jnp.transpose(k, (0, 2, 1, 3))
+  vt = jnp.transpose(v, (0, 2, 1, 3))
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (mask.shape[0], q.shape[2], q_len, kv_len))
+  # Query positions are independent, so splitting them into chunks is exact. On XLA:CPU the
+  # fused dot-softmax-dot of more than 256 query rows runs about 3x slower than two halves (a
+  # DINOv2-B/14 forward at 261 tokens spent 40% of its time there unsplit). The split is taken
+  # before the transposes (lax.split, whose gradient is a concatenate) so no chunk is copied
+  # out of a transposed array.
+  chunk = q_len if jax.default_backend() != "cpu" else max(1, _CPU_QUERY_CHUNK // groups)
+  pieces = -(-q_len // chunk)
+  bounds = [round(i * q_len / pieces) for i in range(1, pieces)]
+  q_chunks = jnp.split(q, bounds, axis=1) if bounds else [q]
+  if mask is None:
+    mask_chunks = [None] * len(q_chunks)
+  else:
+    mask_chunks = jnp.split(mask, bounds, axis=2) if bounds else [mask]
+  outs = [_attend_queries(qc, kt, vt, mc, scale, groups)
+          for qc, mc in zip(q_chunks, mask_chunks)]
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def _attend_queries(q, kt, vt, mask, scale, groups):
+  """Attention of (batch, len, heads, head_dim) queries to heads-major keys/values."""
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads, kv_len = kt.shape[1], kt.shape[2]
+  # Query head h uses key/value head h // groups (transformers' repeat_kv): the queries of a
+  # group are stacked along the query axis, (batch, kv_heads, groups * q_len, head_dim), so
+  # every case is a 4-D batched matmul and repeated keys/values are never materialised. The
   # scale multiplies q, the smaller operand, not the logits. (A size-1 groups axis and the
   # scaled logits cost an 8-layer MMDiT training step about 7% on a 2-core CPU.)
   qt = jnp.transpose(q * jnp.asarray(scale, q.dtype), (0, 2, 1, 3))
   qt = qt.reshape(batch, kv_heads, groups * q_len, head_dim)
-  kt = jnp.transpose(k, (0, 2, 1, 3))
-  vt = jnp.transpose(v, (0, 2, 1, 3))
-  rows = groups * q_len
   if mask is not None:
-    mask = jnp.broadcast_to(mask, (mask.shape[0], heads, q_len, kv_len))
-    mask = mask.reshape(mask.shape[0], kv_heads, rows, kv_len)
-  # Query rows are independent, so splitting them into chunks is exact. On XLA:CPU the fused
-  # dot-softmax-dot of more than 256 query rows runs about 3x slower than two halves (a
-  # DINOv2-B/14 forward at 261 tokens spends 40% of its time there unsplit).
-  chunk = rows if jax.default_backend() != "cpu" else _CPU_QUERY_CHUNK
-  pieces = -(-rows // chunk)
-  size = -(-rows // pieces)
-  outs = [_attend(qt[:, :, start:start + size], kt, vt,
-                  None if mask is None else mask[:, :, start:start + size])
-          for start in range(0, rows, size)]
-  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-  out = out.reshape(batch, heads, q_len, head_dim)
+    mask = mask.reshape(mask.shape[0], kv_heads, groups * q_len, kv_len)
+  out = _attend(qt, kt, vt, mask).reshape(batch, heads, q_len, head_dim)
   return jnp.transpose(out, (0, 2, 1, 3)).astype(q.dtype)
 
 
-def _attend(qt, kt, vt, mask):
-  """softmax(qt kt^T) vt over (batch, kv_heads, rows, head_dim) operands; float32 softmax."""
+def _attend_forward(qt, kt, vt, mask):
+  """(softmax(qt kt^T) vt, the float32 softmax weights) over (batch, kv_heads, rows, head_dim)."""
   logits = jnp.einsum("bkqd,bksd->bkqs", qt, kt, preferred_element_type=jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(vt.dtype)
-  return jnp.einsum("bkqs,bksd->bkqd", weights, vt)
+  weights = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("bkqs,bksd->bkqd", weights.astype(vt.dtype), vt), weights
+
+
+@jax.custom_vjp
+def _attend(qt, kt, vt, mask):
+  """softmax(qt kt^T) vt with a float32 softmax; the mask gets no gradient."""
+  return _attend_forward(qt, kt, vt, mask)[0]
+
+
+def _attend_fwd(qt, kt, vt, mask):
+  out, weights = _attend_forward(qt, kt, vt, mask)
+  return out, (qt, kt, vt, weights, out)
+
+
+def _attend_bwd(residuals, d_out):
+  # The flash-attention backward: d logits = w * (d_out v^T - rowsum(d_out * out)). Autodiff of
+  # the softmax's division instead materialises full-size broadcasts of 1/sum (XLA:CPU: about
+  # 10% slower attention forward + backward at 320 tokens). Same values up to rounding.
+  qt, kt, vt, weights, out = residuals
+  d_v = jnp.einsum("bkqs,bkqd->bksd", weights.astype(vt.dtype), d_out)
+  d_weights = jnp.einsum("bkqd,bksd->bkqs", d_out, vt, preferred_element_type=jnp.float32)
+  row_dot = jnp.einsum("bkqd,bkqd->bkq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  d_logits = weights * (d_weights - row_dot[..., None])
+  d_q = jnp.einsum("bkqs,bksd->bkqd", d_logits, kt.astype(jnp.float32)).astype(qt.dtype)
+  d_k = jnp.einsum("bkqs,bkqd->bksd", d_logits, qt.astype(jnp.float32)).astype(kt.dtype)
+  return d_q, d_k, d_v.astype(vt.dtype), None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from psvae_jax.models.attention import dot_product_attention
+from psvae_jax.models.attention import dot_product_attention, unstack
 from psvae_jax.models.vit import Mlp, apply_layers
 from psvae_jax.models import dense
 from psvae_jax.sharding import constrain
@@ -143,7 +143,7 @@ class DDTBlock(nnx.Module):
     qkv = dense.project(h, self.qkv_kernel[...].astype(self.dtype))
     qkv = (qkv + self.qkv_bias[...].astype(self.dtype)).reshape(
         batch, seq, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = unstack(qkv, 2)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     attn = dot_product_attention(q, k, v, mask=mask, impl=self.attention_impl)

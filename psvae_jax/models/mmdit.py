@@ -54,7 +54,7 @@ import numpy as np
 from flax import nnx
 
 from psvae_jax.models import remat as remat_lib
-from psvae_jax.models.attention import dot_product_attention
+from psvae_jax.models.attention import dot_product_attention, unstack
 from psvae_jax.models.grad_barrier import materialize_grad
 from psvae_jax.models.ddt_head import DDTHead, DDTHeadConfig, RMSNorm
 from psvae_jax.models.vit import Mlp, PatchEmbed
@@ -377,12 +377,12 @@ class JointBlock(nnx.Module):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = img_mod[:6]
     img_normed = _layer_norm(img)
     img_in = img_normed * (1 + scale_msa) + shift_msa
-    iq, ik, iv = jnp.moveaxis(self.img_qkv(img_in, self.num_heads), 2, 0)
+    iq, ik, iv = unstack(self.img_qkv(img_in, self.num_heads), 2)
     iq, ik = self._norm(self.img_q_norm, iq), self._norm(self.img_k_norm, ik)
 
     if self.context_pre_only:
       c_scale, c_shift = self.txt_modulation(cond_act)
-      tk, tv = jnp.moveaxis(self.txt_qkv(_modulate(txt, c_shift, c_scale), self.num_heads), 2, 0)
+      tk, tv = unstack(self.txt_qkv(_modulate(txt, c_shift, c_scale), self.num_heads), 2)
       tk = self._norm(self.txt_k_norm, tk)
       rows = mask if mask is None or mask.shape[2] == 1 else mask[:, :, text_len:]
       img_attn = self._attend(iq, jnp.concatenate([tk, ik], 1), jnp.concatenate([tv, iv], 1),
@@ -391,18 +391,18 @@ class JointBlock(nnx.Module):
     else:
       c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = \
           self.txt_modulation(cond_act)
-      tq, tk, tv = jnp.moveaxis(
-          self.txt_qkv(_modulate(txt, c_shift_msa, c_scale_msa), self.num_heads), 2, 0)
+      tq, tk, tv = unstack(
+          self.txt_qkv(_modulate(txt, c_shift_msa, c_scale_msa), self.num_heads), 2)
       tq, tk = self._norm(self.txt_q_norm, tq), self._norm(self.txt_k_norm, tk)
       attn = self._attend(jnp.concatenate([tq, iq], 1), jnp.concatenate([tk, ik], 1),
                           jnp.concatenate([tv, iv], 1), mask)
-      txt_attn, img_attn = attn[:, :text_len], attn[:, text_len:]
+      txt_attn, img_attn = jnp.split(attn, [text_len], axis=1)
 
     img = img + gate_msa * self.img_out(img_attn)
     if self.dual_attention:
       shift_msa2, scale_msa2, gate_msa2 = img_mod[6:]
-      q2, k2, v2 = jnp.moveaxis(
-          self.attn2_qkv(img_normed * (1 + scale_msa2) + shift_msa2, self.num_heads), 2, 0)
+      q2, k2, v2 = unstack(
+          self.attn2_qkv(img_normed * (1 + scale_msa2) + shift_msa2, self.num_heads), 2)
       q2, k2 = self._norm(self.attn2_q_norm, q2), self._norm(self.attn2_k_norm, k2)
       img_mask = None
       if mask is not None:

@@ -27,7 +27,7 @@ from flax import nnx
 from psvae_jax.models import dense
 from psvae_jax.models import remat as remat_lib
 from psvae_jax.models.grad_barrier import materialize_grad
-from psvae_jax.models.attention import dot_product_attention
+from psvae_jax.models.attention import dot_product_attention, unstack
 from psvae_jax.models.resize import resize_bicubic
 from psvae_jax.sharding import constrain
 
@@ -103,8 +103,7 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     batch, seq, _ = x.shape
     qkv = self.qkv(x).reshape(batch, seq, 3, self.num_heads, self.head_dim)
-    y = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=mask,
-                              impl=self.attention_impl)
+    y = dot_product_attention(*unstack(qkv, 2), mask=mask, impl=self.attention_impl)
     return self.out(y.reshape(batch, seq, self.num_heads * self.head_dim))
 
 
