@@ -2,7 +2,9 @@
 
 Every model calls `dot_product_attention(q, k, v, mask=..., impl=...)` with q/k/v laid out as
 (batch, seq, heads, head_dim). Implementations:
-  'xla'    plain einsum + softmax (float32 softmax), any backend; the numerics reference.
+  'xla'    plain einsum + softmax (float32 softmax), any backend; the numerics reference. Its
+           backward is the flash-attention one (custom_vjp), and on CPU it splits the queries
+           into chunks of at most 256 rows (faster there; exact, as query rows are independent).
   'cudnn'  `jax.nn.dot_product_attention`: the cuDNN flash kernel on GPU (which needs float16 or
            bfloat16 inputs), jax's own XLA implementation of the same function elsewhere.
   'splash' the Pallas splash kernel on TPU; raises NotImplementedError on other backends (no
