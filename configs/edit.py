@@ -22,15 +22,14 @@ the autoencoder reconstruction and a random-init generator):
 or on its own from a finished toy T2I run:
   python -m psvae_jax.main --config=configs/edit.py:toy --workdir=/tmp/psvae/toy_edit \
       --config.init=/tmp/psvae/toy/t2i
-Expected (target: recolour success >= 0.7). Measured on this preset after its 12000 steps (from
-an earlier 9500-step toy T2I run whose generator had the DDT head, which configs/t2i.py:toy no
-longer has; 20 held-out edits per kind, cfg 3 / image cfg 1.5): recolour 0.95,
-add 0.85, remove 0.90, move 0.80 (all 0.88); the unedited source, the reconstruction and the
-random-init generator 0 for every kind. With the T2I's training shift 2 instead of 6 the same
-run reached recolour 0.05, remove 0.60 (all 0.21): it copied the source but ignored the colour.
-From the current toy T2I (no DDT head, 8000 steps), the run's checkpoints at 4500 / 6000 of its
-12000 steps (mid-schedule): recolour 0.60 / 0.90, add 0.80 / 0.70, remove 0.80 / 0.85, move
-0.70 / 0.75 (all 0.72 / 0.80); the full run was not measured.
+Expected (target: recolour success >= 0.7). Measured on this preset after its 12000 steps from
+the 8000-step toy T2I run of configs/t2i.py:toy (no DDT head; 20 held-out edits per kind, cfg 3 /
+image cfg 1.5): recolour 1.00, add 0.85, remove 0.95, move 0.85 (all 0.91); the unedited source
+and the reconstruction 0 for every kind. Mid-schedule checkpoints of the same run: 4500 steps
+all 0.72 (recolour 0.60), 6000 steps all 0.80 (recolour 0.90). From an earlier 9500-step toy T2I
+whose generator had the DDT head: recolour 0.95, all 0.88. With the T2I's training shift 2
+instead of 6 that earlier run reached recolour 0.05, remove 0.60 (all 0.21): it copied the
+source but ignored the colour.
 
 Paper scale (T2I settings: batch 730, lr 1e-4, EMA 0.9999; 50k steps from the T2I checkpoint;
 OmniEdit, 1.2M pairs, written as ArrayRecord shards once):

@@ -17,9 +17,8 @@ random-init generator, and the edit success per kind:
 Expected (2-core CPU, idle, about 27 min to the end of T2I: S-VAE 1.6, PS-VAE 5.2, T2I 20.4
 at about 6.5 step/s; the edit stage after it): eval_t2i score 0.91 (seed 0) / 0.91 (seed 1) over
 180 prompts, colour 1.00, squares the weak class; random-init generator 0.00. PS-VAE eval PSNR
-31.8 dB. The edit stage (12000 steps, over an hour more; measured from the earlier toy T2I with
-the DDT head): edit success recolour 0.95, add 0.85, remove 0.90, move 0.80 (all 0.88; source
-and random init 0; see configs/edit.py).
+31.8 dB. The edit stage (12000 steps, about 80 min more): edit success recolour 1.00, add 0.85,
+remove 0.95, move 0.85 (all 0.91; the unedited source 0; see configs/edit.py).
 
 Paper scale (each stage's paper preset; pass the converted encoder, LPIPS and text encoder):
   python -m psvae_jax.main --config=configs/pipeline.py --workdir=gs://BUCKET/run \
