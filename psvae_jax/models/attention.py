@@ -93,11 +93,8 @@ def _xla_attention(q, k, v, mask, scale):
   chunk = q_len if jax.default_backend() != "cpu" else max(1, _CPU_QUERY_CHUNK // groups)
   pieces = -(-q_len // chunk)
   bounds = [round(i * q_len / pieces) for i in range(1, pieces)]
-  q_chunks = jnp.split(q, bounds, axis=1) if bounds else [q]
-  if mask is None:
-    mask_chunks = [None] * len(q_chunks)
-  else:
-    mask_chunks = jnp.split(mask, bounds, axis=2) if bounds else [mask]
+  q_chunks = jnp.split(q, bounds, axis=1)  # [q] itself when bounds is empty
+  mask_chunks = [None] * len(q_chunks) if mask is None else jnp.split(mask, bounds, axis=2)
   outs = [_attend_queries(qc, kt, vt, mc, scale, groups)
           for qc, mc in zip(q_chunks, mask_chunks)]
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
