@@ -12,9 +12,12 @@ Each benchmark runs as its own process (`python -m benchmarks.<module> ...`, its
 under --out), so one benchmark's threads and compilation caches do not disturb the next. The
 table has one row per measurement: what, this project, the reference (transformers, diffusers
 + torch AdamW, or for the input pipeline the fastest training step's consumption rate), their
-ratio, achieved FLOP/s and MFU against this machine's measured float32 matmul peak (or the
-accelerator's datasheet peak). A benchmark that fails is reported and makes the command exit
-non-zero; the others still run.
+ratio, the ratio's ceiling, achieved FLOP/s and MFU against this machine's measured float32
+matmul peak (or the accelerator's datasheet peak). The ceiling is the ratio this project would
+reach if it ran every counted FLOP at that peak (the peak over the reference's achieved
+FLOP/s): a comparison target above it would need more than the machine's matmul peak.
+The CPU table names the CPU (model, vector units): its ratios depend on them. A benchmark that
+fails is reported and makes the command exit non-zero; the others still run.
 
 --suite=gpu_paper, on one device of the accelerator it runs on (per-device figures):
   t2i_step    the T2I training step of configs/t2i.py (base MMDiT ~650M incl. the DDT head),
@@ -40,6 +43,7 @@ import subprocess
 import sys
 import time
 
+from benchmarks.machine import cpu_summary, describe_cpu
 from benchmarks.timing import format_bytes, format_rows, write_json
 
 # name -> (module, arguments, arguments with --quick). The JSON path is appended by `run_one`.
@@ -186,32 +190,43 @@ def common_cpu_peak(peak: float, results: dict[str, dict]) -> float:
   return max(readings)
 
 
+def ratio_ceiling(reference_flops_per_s: float, peak: float) -> float:
+  """The highest ratio (this project's rate over the reference's, same work) possible on a
+  machine whose matmul peak is `peak`: this project at the peak against the reference as
+  measured."""
+  return peak / reference_flops_per_s
+
+
 def table_rows(results: dict[str, dict], peak: float) -> list[tuple[str, ...]]:
-  """One row per measurement from the benchmarks' JSON results (MFU against `peak`)."""
-  rows = [("what", "this project", "reference", "ratio", "achieved", "MFU")]
+  """One row per measurement from the benchmarks' JSON results (ceiling and MFU against
+  `peak`)."""
+  rows = [("what", "this project", "reference", "ratio", "ceiling", "achieved", "MFU")]
+  ceiling = lambda reference_flops: f"{ratio_ceiling(reference_flops, peak):.2f}x"
   r = results.get("encoder_forward")
   if r:
     achieved = r["jax_images_per_s"] * r["flops_per_image"]
     rows.append((f"encoder forward DINOv2-B/14 b{r['batch']} vs transformers",
                  _fmt_rate(r["jax_images_per_s"], "img/s"),
                  _fmt_rate(r["torch_images_per_s"], "img/s"), f"{r['ratio']:.2f}x",
+                 ceiling(r["torch_images_per_s"] * r["flops_per_image"]),
                  _fmt_flops(achieved), _fmt_fraction(achieved / peak)))
   r = results.get("mmdit_step")
   if r:
     rows.append((f"MMDiT train step {r['layers']}L w{r['width']} b{r['batch']} vs diffusers",
                  _fmt_rate(r["jax_steps_per_s"], "step/s"),
                  _fmt_rate(r["torch_steps_per_s"], "step/s"), f"{r['ratio']:.2f}x",
-                 _fmt_flops(r["jax_flops_per_s"]), _fmt_fraction(r["jax_flops_per_s"] / peak)))
+                 ceiling(r["torch_flops_per_s"]), _fmt_flops(r["jax_flops_per_s"]),
+                 _fmt_fraction(r["jax_flops_per_s"] / peak)))
   for name in _CONSUMERS:
     r = results.get(name)
     if r:
       rows.append((f"{r['what']} b{r['batch']}", _fmt_rate(r["images_per_s"], "img/s"), "-",
-                   "-", _fmt_flops(r["achieved_flops_per_s"]),
+                   "-", "-", _fmt_flops(r["achieved_flops_per_s"]),
                    _fmt_fraction(r["achieved_flops_per_s"] / peak)))
   r = results.get("sampling")
   if r:
     rows.append((f"T2I sampling {r['steps']} Euler steps CFG {r['cfg_scale']:g} b{r['batch']}",
-                 _fmt_rate(r["images_per_s"], "img/s"), "-", "-", "-", "-"))
+                 _fmt_rate(r["images_per_s"], "img/s"), "-", "-", "-", "-", "-"))
   r = results.get("input_pipeline")
   if r:
     rates = r["images_per_s"]
@@ -220,7 +235,7 @@ def table_rows(results: dict[str, dict], peak: float) -> list[tuple[str, ...]]:
     need = max(consumers) if consumers else None
     rows.append((f"input pipeline {r['image_size']} px ({best_name}) vs fastest step",
                  _fmt_rate(rates[best_name], "img/s"), _fmt_rate(need, "img/s"),
-                 f"{rates[best_name] / need:.2f}x" if need else "-", "-", "-"))
+                 f"{rates[best_name] / need:.2f}x" if need else "-", "-", "-", "-"))
   return rows
 
 
@@ -310,12 +325,14 @@ def main(argv=None) -> int:
       errors[name] = error
     else:
       results[name] = result
+  cpu = None
   if args.suite == "gpu_paper":
     rows = paper_rows(results)
   else:
     peak = common_cpu_peak(peak, results)
-    machine = (f"peak: {peak / 1e9:.1f} GFLOP/s ({kind}, highest measured float32 matmul on "
-               f"CPU), cores {os.cpu_count()}")
+    cpu = describe_cpu()
+    machine = (f"{cpu_summary(cpu)}; peak: {peak / 1e9:.1f} GFLOP/s (highest measured float32 "
+               f"matmul)")
     rows = table_rows(results, peak)
   print(format_rows(rows))
   print(f"{machine}, load average {os.getloadavg()[0]:.1f}")
@@ -327,6 +344,7 @@ def main(argv=None) -> int:
   for name, error in errors.items():
     print(f"FAILED {name}: {error}", file=sys.stderr)
   write_json({"suite": args.suite, "rows": rows, "peak_flops_per_s": peak, "device_kind": kind,
+              "cpu": cpu,
               "mfu_target": MFU_TARGET if args.suite == "gpu_paper" else None,
               "results": results, "errors": errors,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},

@@ -104,6 +104,7 @@ def test_cpu_table_uses_one_peak_for_every_mfu():
   results = {
       "mmdit_step": {"layers": 8, "width": 512, "batch": 8, "jax_steps_per_s": 0.4,
                      "torch_steps_per_s": 0.3, "ratio": 1.33, "jax_flops_per_s": 2e11,
+                     "torch_flops_per_s": 1.5e11,
                      "jax_fraction_of_peak": 0.5, "measured_matmul_peak_flops_per_s": 4e11},
       "encoder_forward": {"batch": 8, "jax_images_per_s": 2.0, "torch_images_per_s": 1.0,
                           "ratio": 2.0, "flops_per_image": 5e10}}
@@ -111,3 +112,7 @@ def test_cpu_table_uses_one_peak_for_every_mfu():
   assert peak == 4e11
   rows = bench_run.table_rows(results, peak)
   assert rows[1][-1] == "25.0%" and rows[2][-1] == "50.0%"  # encoder 1e11, MMDiT 2e11 of 4e11
+  # Ceiling: the peak over the reference's FLOP/s (encoder 1 img/s x 5e10, MMDiT 1.5e11).
+  assert rows[0][4] == "ceiling"
+  assert rows[1][4] == "8.00x" and rows[2][4] == "2.67x"
+  assert all(len(row) == len(rows[0]) for row in rows)
