@@ -3,8 +3,8 @@ sub-workdir (WORKDIR/svae, WORKDIR/psvae, ...) initialised from the previous sta
 Re-running the same command resumes: finished stages are skipped, an interrupted one continues.
 
 Smoke (CPU, S-VAE -> PS-VAE -> T2I -> edit with every stage's smoke preset, about 6 minutes
-on 2 idle AVX2 cores; reconstruction grids under WORKDIR/{svae,psvae}/samples, generated images under
-WORKDIR/t2i/samples, (source | edited | target) strips under WORKDIR/edit/samples):
+on 2 idle AVX2 cores; reconstruction grids under WORKDIR/{svae,psvae}/samples, generated images
+under WORKDIR/t2i/samples, (source | edited | target) strips under WORKDIR/edit/samples):
   python -m psvae_jax.main --config=configs/pipeline.py:smoke --workdir=/tmp/psvae/pipeline
 
 Toy (CPU, each stage's toy preset: S-VAE -> PS-VAE -> T2I on single-object synthetic scenes,
