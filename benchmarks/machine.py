@@ -23,20 +23,25 @@ def _cpuinfo_field(text: str, key: str) -> str:
 
 def describe_cpu(cpuinfo: str | None = None) -> dict[str, object]:
   """{'model', 'vector_flags', 'cores'} of this machine (cpuinfo text from /proc/cpuinfo unless
-  given; where there is none, e.g. macOS, the model is platform.processor() and no flags)."""
+  given). Where there is no flags line, e.g. macOS, vector_flags is None (unknown, not absent)
+  and the model is platform.processor()."""
   if cpuinfo is None:
     try:
       with open("/proc/cpuinfo") as f:
         cpuinfo = f.read()
     except OSError:
       cpuinfo = ""
-  flags = set(_cpuinfo_field(cpuinfo, "flags").split())
+  flags_line = _cpuinfo_field(cpuinfo, "flags")
+  flags = set(flags_line.split())
   model = _cpuinfo_field(cpuinfo, "model name") or platform.processor() or "unknown CPU"
-  return {"model": model, "vector_flags": [f for f in _VECTOR_FLAGS if f in flags],
-          "cores": os.cpu_count() or 1}
+  vector_flags = [f for f in _VECTOR_FLAGS if f in flags] if flags_line else None
+  return {"model": model, "vector_flags": vector_flags, "cores": os.cpu_count() or 1}
 
 
 def cpu_summary(info: dict[str, object]) -> str:
   """One line: 'AMD EPYC (avx2, fma), 2 cores'."""
-  flags = ", ".join(info["vector_flags"]) or "no AVX2"
+  if info["vector_flags"] is None:
+    flags = "vector units unknown"
+  else:
+    flags = ", ".join(info["vector_flags"]) or "no AVX2"
   return f"{info['model']} ({flags}), {info['cores']} cores"

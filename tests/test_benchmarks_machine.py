@@ -24,6 +24,14 @@ def test_widest_units_listed_first():
 
 
 def test_no_cpuinfo_still_describes_the_machine():
+  """Without a flags line the vector units are unknown: the summary must not claim 'no AVX2'."""
   info = machine.describe_cpu("")
-  assert info["model"] and info["vector_flags"] == [] and info["cores"] >= 1
-  assert "no AVX2" in machine.cpu_summary(info)
+  assert info["model"] and info["vector_flags"] is None and info["cores"] >= 1
+  assert "vector units unknown" in machine.cpu_summary(info)
+  assert "no AVX2" not in machine.cpu_summary(info)
+
+
+def test_flags_without_avx2_say_so():
+  info = machine.describe_cpu("model name : Old\nflags : fpu sse sse2 avx\n")
+  assert info["vector_flags"] == []
+  assert machine.cpu_summary(info).startswith("Old (no AVX2), ")
