@@ -59,7 +59,7 @@ def run(config_spec: str = "configs/t2i.py:smoke", *, batch: int = 8, steps: int
   task = get_task(config)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     state = ts.init_state(task, config, layout)
     model = train.eval_model(layout, state, None)
     host_batch = data_lib.make_eval_batches(config.data, batch_size=batch, num_batches=1,

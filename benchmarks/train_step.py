@@ -91,7 +91,7 @@ def run(config_spec: str, *, batch: int = 0, devices: int = 1, warmup: int = 2,
   task = get_task(config)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:devices])
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     start = time.perf_counter()
     state = ts.init_state(task, config, layout)
     ema = ts.init_ema(state, layout)

@@ -29,8 +29,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def run(config, workdir: str):
   """Runs the stage or pipeline described by `config` in `workdir`; returns its summary."""
   if config.task == "pipeline":
-    from psvae_jax import pipeline
-    return pipeline.run(config, workdir)
+    from psvae_jax import stage_chain
+    return stage_chain.run(config, workdir)
   from psvae_jax import train
   return train.train(config, workdir)
 

@@ -43,7 +43,7 @@ class Preempted(SystemExit):
 
 # --- the step ------------------------------------------------------------------------------
 
-def make_train_step(task: Task, layout: ts.Layout, config) -> Callable:
+def make_train_step(task: Task, layout: ts.TrainSetup, config) -> Callable:
   """Pure `(state, ema, batch) -> (state, ema, metrics)`; non-finite updates are never applied.
 
   A non-finite loss or gradient norm leaves params, optimizer state and EMA unchanged and
@@ -96,7 +96,7 @@ def make_train_step(task: Task, layout: ts.Layout, config) -> Callable:
   return step_fn
 
 
-def make_eval_step(task: Task, layout: ts.Layout, config) -> Callable:
+def make_eval_step(task: Task, layout: ts.TrainSetup, config) -> Callable:
   """Pure `(state, ema, batch) -> metrics`, evaluating the EMA weights when they exist."""
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 0x7FFFFFFF)
 
@@ -108,7 +108,7 @@ def make_eval_step(task: Task, layout: ts.Layout, config) -> Callable:
   return eval_fn
 
 
-def eval_model(layout: ts.Layout, state, ema) -> nnx.Module:
+def eval_model(layout: ts.TrainSetup, state, ema) -> nnx.Module:
   """The model with EMA params (if any), for sampling outside the step."""
   params = ema if ema is not None else state["params"]
   return layout.merge(params, state["frozen"], state["other"])
@@ -141,7 +141,7 @@ class PreemptionWatch:
 
 # --- resume --------------------------------------------------------------------------------
 
-def restore_or_init(task: Task, config, layout: ts.Layout, checkpointer: ckpt_lib.Checkpointer,
+def restore_or_init(task: Task, config, layout: ts.TrainSetup, checkpointer: ckpt_lib.Checkpointer,
                     data_iterator) -> tuple[dict, Any, str]:
   """Resume order: this workdir's newest complete checkpoint, config.resume, config.init, scratch.
 
@@ -241,7 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   summary: dict[str, Any] = {"workdir": workdir}
   try:
     with jax.set_mesh(mesh):
-      layout = ts.make_layout(task, config, mesh)
+      layout = ts.make_train_setup(task, config, mesh)
       data_iterator = data_lib.make_train_iterator(
           config.data, global_batch_size=config.batch_size, seed=config.seed,
           process_index=jax.process_index(), process_count=jax.process_count())

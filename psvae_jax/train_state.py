@@ -40,8 +40,8 @@ def frozen_filter(patterns: list[re.Pattern]) -> Callable:
 
 
 @dataclasses.dataclass
-class Layout:
-  """Everything the loop needs to rebuild and shard the model."""
+class TrainSetup:
+  """Everything the loop needs to rebuild and shard the model, and the optimizer it steps with."""
   graphdef: Any
   filters: tuple  # (trainable, frozen, other) NNX filters for nnx.split
   tx: optax.GradientTransformation
@@ -91,7 +91,7 @@ def _split(model, filters):
   return params, frozen, other
 
 
-def make_layout(task: Task, config, mesh: Mesh) -> Layout:
+def make_train_setup(task: Task, config, mesh: Mesh) -> TrainSetup:
   """Builds the model abstractly (no memory), derives filters, optimizer and shardings."""
   is_frozen = frozen_filter(_frozen_patterns(task, config))
   trainable = nnx.All(nnx.Param, nnx.Not(is_frozen))
@@ -125,7 +125,7 @@ def make_layout(task: Task, config, mesh: Mesh) -> Layout:
   use_ema = config.optim.ema_decay > 0
   ema_sh = param_sh if use_ema else None
   abstract_ema = _with_shardings(params, param_sh) if use_ema else None
-  return Layout(graphdef, filters, tx, abstract_state, abstract_ema, state_sh, ema_sh)
+  return TrainSetup(graphdef, filters, tx, abstract_state, abstract_ema, state_sh, ema_sh)
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -155,7 +155,7 @@ def _optimizer_shardings(abstract_opt, params, param_sh, mesh: Mesh):
   return jax.tree_util.tree_map_with_path(assign, abstract_opt)
 
 
-def init_state(task: Task, config, layout: Layout):
+def init_state(task: Task, config, layout: TrainSetup):
   """Jitted, sharded initialisation: no host ever materialises the full model."""
 
   def init():
@@ -171,7 +171,7 @@ def init_state(task: Task, config, layout: Layout):
   return jax.jit(init, out_shardings=layout.state_shardings)()
 
 
-def init_ema(state, layout: Layout):
+def init_ema(state, layout: TrainSetup):
   """EMA starts as a copy of the trainable params (None when EMA is off)."""
   if layout.ema_shardings is None:
     return None
@@ -188,11 +188,11 @@ def all_params(state) -> nnx.State:
   return nnx.merge_state(state["params"], state["frozen"])
 
 
-def split_params(layout: Layout, merged: nnx.State):
+def split_params(layout: TrainSetup, merged: nnx.State):
   """Inverse of `all_params`: splits a full Param state back into (trainable, frozen)."""
   trainable, frozen = layout.filters[0], layout.filters[1]
   return merged.filter(trainable), merged.filter(frozen)
 
 
-def param_shardings(layout: Layout) -> nnx.State:
+def param_shardings(layout: TrainSetup) -> nnx.State:
   return nnx.merge_state(layout.state_shardings["params"], layout.state_shardings["frozen"])

@@ -13,7 +13,7 @@ def _layout(config, mesh_config):
   mesh = sharding.make_mesh(mesh_config)
   task = get_task(config)
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
   return task, mesh, layout
 
 

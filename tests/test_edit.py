@@ -58,7 +58,7 @@ def write_run(workdir: str, config, *, step: int = 2, seed: int = 0) -> tuple[di
   fill = lambda a: jax.device_put(
       (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), a.sharding)
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     state = jax.tree.map(fill, layout.abstract_state)
     ema = jax.tree.map(fill, layout.abstract_ema)
     writer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)
@@ -232,7 +232,7 @@ def test_trainable_text_encoder(task_and_model):
   for train in (False, True):
     config = tiny_edit_config(**{"model.train_text_encoder": train})
     trainable = get_task(config)
-    layout = ts.make_layout(trainable, config, mesh)
+    layout = ts.make_train_setup(trainable, config, mesh)
     assert ("text_encoder" in layout.abstract_state["params"]) == train
     assert "generator" in layout.abstract_state["params"]
 
@@ -261,7 +261,7 @@ def test_init_from_a_t2i_run(t2i_run):
   task = get_task(config)
   mesh = sharding.make_mesh({"data": 1}, ONE_DEVICE)
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     abstract = layout.abstract_state
     params = ts.all_params({k: jax.tree.map(lambda a: jax.device_put(
         np.full(a.shape, 0.01, a.dtype), a.sharding), abstract[k]) for k in ("params", "frozen")})

@@ -4,7 +4,7 @@ The run is FSDP x data parallel over the 8 global devices (mesh data=2, fsdp=4),
 and a second launch of both processes resumes from the last checkpoint instead of starting over.
 
 That the two processes read disjoint slices of one global data order is proven on the data layer
-itself by tests/data/test_data_pipeline.py::test_processes_read_disjoint_slices_of_one_global_order;
+itself by tests/data/test_data_loader.py::test_processes_read_disjoint_slices_of_one_global_order;
 here the loop is checked to hand each process its own index and count.
 
 In the default suite: the two processes compile the step (and the end-of-run sample) in each of

@@ -55,7 +55,7 @@ def test_bf16_train_step_keeps_float32_state_and_runs_bf16_matmuls():
            "attention_mask": jax.ShapeDtypeStruct((2, length), jnp.int32)}
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     traced = jax.jit(train.make_train_step(task, layout, config)).trace(
         layout.abstract_state, layout.abstract_ema, batch)
   state, ema, _ = traced.out_info

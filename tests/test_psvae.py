@@ -14,7 +14,7 @@ def _params(config, workdir):
   task = get_task(config)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False)
     step = reader.latest_step()
     restored = reader.restore(step, abstract_state=layout.abstract_state,
@@ -74,7 +74,7 @@ def test_svae_pixel_decoder_does_not_touch_the_semantic_path(svae_config):
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   batch = {"image": np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)}
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     state = ts.init_state(task, config, layout)
 
     def loss(params):

@@ -12,7 +12,7 @@ from flax import nnx
 from psvae_jax import sharding
 from psvae_jax.config_loader import load_config
 from psvae_jax.data import DataError
-from psvae_jax.data.pipeline import resolve_data_config
+from psvae_jax.data.loader import resolve_data_config
 from psvae_jax.ports.common import PICKLE_SUFFIXES, TensorPool, WeightLoadError, assign
 from psvae_jax.ports.common import read_safetensors
 

@@ -17,7 +17,7 @@ def _final_state(config, workdir):
   task = get_task(config)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False)
     step = ckpt.latest_step()
     restored = ckpt.restore(step, abstract_state=layout.abstract_state,

@@ -47,7 +47,7 @@ def psvae_run(tmp_path_factory):
   fill = lambda a: jax.device_put(
       (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), a.sharding)
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     state = jax.tree.map(fill, layout.abstract_state)
     ema = jax.tree.map(fill, layout.abstract_ema)
     writer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)
@@ -66,7 +66,7 @@ def _restore(config, workdir):
   task = get_task(config)
   mesh = sharding.make_mesh({"data": 1}, ONE_DEVICE)
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False)
     step = reader.latest_step()
     restored = reader.restore(step, abstract_state=layout.abstract_state,
@@ -127,7 +127,7 @@ def test_cached_inputs_give_the_same_loss():
   raw = task.prepare_batch({"image": images, "caption": captions})
   key = jax.random.key(3)
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     state = ts.init_state(task, config, layout)
     params = ts.all_params(state)
     # Non-trivial latent statistics, so the cached path must match the normalised latent.

@@ -3,7 +3,7 @@ single-object world and edit on the edit world; the T2I stage's autoencoder sect
 the PS-VAE toy model and the edit model is the T2I model."""
 from psvae_jax.config_loader import load_config
 from psvae_jax.data import make_eval_batches
-from psvae_jax.pipeline import stage_configs
+from psvae_jax.stage_chain import stage_configs
 from psvae_jax.tasks import t2i
 
 

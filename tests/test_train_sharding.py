@@ -13,7 +13,7 @@ def _run_steps(config, devices, mesh_config, batch, steps):
   mesh = sharding.make_mesh(mesh_config, devices)
   task = get_task(config)
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     state = ts.init_state(task, config, layout)
     ema = ts.init_ema(state, layout)
     step = jax.jit(train_lib.make_train_step(task, layout, config),

@@ -3,7 +3,7 @@ the grain pipelines every stage trains and evaluates on."""
 from psvae_jax.data.config import default_data_config
 from psvae_jax.data.decode import decode_image, decode_text, encode_image
 from psvae_jax.data.errors import BadImage, BadRecord, DataError
-from psvae_jax.data.pipeline import (DataIterator, make_eval_batches, make_train_iterator,
+from psvae_jax.data.loader import (DataIterator, make_eval_batches, make_train_iterator,
                                      resolve_data_config)
 from psvae_jax.data.preprocess import resize_center_crop
 from psvae_jax.data.shards import ShardWriter, decode_record, encode_record

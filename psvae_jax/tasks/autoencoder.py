@@ -30,7 +30,7 @@ from psvae_jax.models.discriminator import NLayerDiscriminator
 from psvae_jax.models.lpips import LPIPS
 from psvae_jax.models.pixel_decoder import PixelDecoder
 from psvae_jax.models.svae import semantic_loss
-from psvae_jax.tasks import common
+from psvae_jax.tasks import autoencoder_parts
 from psvae_jax.tasks.base import Task
 
 
@@ -47,11 +47,11 @@ class AutoencoderModel(nnx.Module):
 
   def __init__(self, config, *, with_teacher: bool, rngs: nnx.Rngs):
     m, loss = config.model, config.loss
-    dtype = common.compute_dtype(config)
+    dtype = autoencoder_parts.compute_dtype(config)
     kw = dict(dtype=dtype, attention_impl=config.attention_impl, rngs=rngs)
-    self.encoder = common.build_representation_encoder(m, **kw)
-    self.teacher = common.build_representation_encoder(m, **kw) if with_teacher else None
-    self.svae = common.build_semantic_vae(m, self.encoder, **kw)
+    self.encoder = autoencoder_parts.build_representation_encoder(m, **kw)
+    self.teacher = autoencoder_parts.build_representation_encoder(m, **kw) if with_teacher else None
+    self.svae = autoencoder_parts.build_semantic_vae(m, self.encoder, **kw)
     self.pixel_decoder = pixel_decoder_from_config(m, **kw)
     self.lpips = LPIPS(dtype=dtype, rngs=rngs) if loss.perceptual_weight > 0 else None
     d = m.discriminator
@@ -81,9 +81,9 @@ def autoencoder_loss(model: AutoencoderModel, batch, rng, step, config, *, stage
   """Total loss and metrics of one batch for stage 'svae' or 'psvae'."""
   m, lc = config.model, config.loss
   images = batch["image"]
-  features = common.encoder_features(model.encoder, images, m)
+  features = autoencoder_parts.encoder_features(model.encoder, images, m)
   if stage == "psvae":
-    target = common.encoder_features(model.teacher, images, m)
+    target = autoencoder_parts.encoder_features(model.teacher, images, m)
   else:
     features = jax.lax.stop_gradient(features)
     target = features
@@ -135,7 +135,7 @@ def autoencoder_loss(model: AutoencoderModel, batch, rng, step, config, *, stage
 
 def reconstruct(model: AutoencoderModel, images: jax.Array, model_config):
   """Posterior-mean reconstruction: (semantic recon, target features, z, pixels in [-1, 1])."""
-  features = common.encoder_features(model.encoder, images, model_config)
+  features = autoencoder_parts.encoder_features(model.encoder, images, model_config)
   recon, z, _ = model.svae(features)
   return recon, features, z, model.pixel_decoder(z)
 
@@ -144,7 +144,7 @@ def autoencoder_eval(model: AutoencoderModel, batch, config, *, stage: str):
   """Held-out metrics: semantic cosine/MSE (against the teacher in PS-VAE), PSNR, SSIM, LPIPS."""
   images = batch["image"]
   recon, features, z, x_rec = reconstruct(model, images, config.model)
-  target = (common.encoder_features(model.teacher, images, config.model)
+  target = (autoencoder_parts.encoder_features(model.teacher, images, config.model)
             if stage == "psvae" else features)
   _, metrics = semantic_loss(recon, target)
   x = images_to_unit_range(images)
@@ -182,7 +182,7 @@ def latent_statistics(model: AutoencoderModel, batches, model_config) -> dict[st
   @jax.jit
   def moments(state, images):
     m = nnx.merge(graphdef, state)
-    features = common.encoder_features(m.encoder, images, model_config)
+    features = autoencoder_parts.encoder_features(m.encoder, images, model_config)
     z = m.svae.encode(features).mean
     z = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
     return jnp.sum(z, 0), jnp.sum(jnp.square(z), 0), z.shape[0]
@@ -237,12 +237,12 @@ class AutoencoderTask(Task):
     path = self.config.model.lpips_weights
     module = lpips_from_state_dicts(os.path.join(path, "vgg16.safetensors"),
                                     os.path.join(path, "lpips_vgg.safetensors"))
-    return common.fill_subtree(params, "lpips", nnx.state(module, nnx.Param), what=path)
+    return autoencoder_parts.fill_subtree(params, "lpips", nnx.state(module, nnx.Param), what=path)
 
   def finalize(self, model, mesh) -> None:
     n = int(self.config.get("latent_stats_batches", 0))
     if n > 0:
-      self.latent_stats = common.latent_stats_from_training_data(
+      self.latent_stats = autoencoder_parts.latent_stats_from_training_data(
           model, self.config, mesh, n, latent_statistics)
 
   def checkpoint_extras(self, model) -> dict:
@@ -252,4 +252,4 @@ class AutoencoderTask(Task):
     self.latent_stats = extras.get("latent_stats") or self.latent_stats
 
   def flops_per_example(self) -> float:
-    return common.autoencoder_train_flops(self.config, self.stage)
+    return autoencoder_parts.autoencoder_train_flops(self.config, self.stage)

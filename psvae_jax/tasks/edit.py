@@ -51,7 +51,7 @@ from psvae_jax.config_base import ConfigError
 from psvae_jax.data.errors import DataError
 from psvae_jax.models import mmdit
 from psvae_jax.models.flops import mmdit_train_flops
-from psvae_jax.tasks import common
+from psvae_jax.tasks import autoencoder_parts
 from psvae_jax.tasks import t2i
 from psvae_jax.tasks.autoencoder import unit_range_to_uint8
 from psvae_jax.tokenizers import tokenize
@@ -209,11 +209,11 @@ class EditTask(t2i.T2ITask):
     source, extras = load_t2i_params(path, self.config, mesh)
     what = f"the T2I run {path} (step {extras['step']})"
     for group in _FROM_T2I:
-      params = common.fill_subtree(params, group, source[group], what=what)
+      params = autoencoder_parts.fill_subtree(params, group, source[group], what=what)
     # The generator minus the new edit parameters, which keep their initial values.
     generator = params["generator"]
     shared = nnx.State({k: generator[k] for k in generator.keys() if k not in _EDIT_ONLY})
-    common.fill_subtree(nnx.State({"generator": shared}), "generator", source["generator"],
+    autoencoder_parts.fill_subtree(nnx.State({"generator": shared}), "generator", source["generator"],
                         what=what)
     return params
 

@@ -17,7 +17,7 @@ from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import sharding
 from psvae_jax import train_state as ts
 from psvae_jax.config_base import ConfigError
-from psvae_jax.tasks import common
+from psvae_jax.tasks import autoencoder_parts
 from psvae_jax.tasks.autoencoder import AutoencoderTask
 
 # PS-VAE parameter group <- S-VAE parameter group.
@@ -49,7 +49,7 @@ class PSVAETask(AutoencoderTask):
           continue  # a fresh discriminator / LPIPS loaded below is fine
         raise ckpt_lib.CheckpointError(f"config.init={path!r}: the S-VAE checkpoint has no "
                                        f"'{src_group}' parameters to initialise '{group}'")
-      params = common.fill_subtree(params, group, source[src_group], what=path)
+      params = autoencoder_parts.fill_subtree(params, group, source[src_group], what=path)
     if "lpips" not in source:
       params = self.load_lpips(params)
     return params
@@ -72,7 +72,7 @@ def load_svae_params(path: str, config) -> nnx.State:
                         f"at {path} ({svae_config.model[key]!r})")
   task = SVAETask(svae_config)
   mesh = sharding.make_mesh(config.mesh)
-  layout = ts.make_layout(task, svae_config, mesh)
+  layout = ts.make_train_setup(task, svae_config, mesh)
   reader = ckpt_lib.Checkpointer(directory, create=False, async_save=False)
   step = reader.latest_step()
   if step is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from flax import nnx
 
 from psvae_jax.config_base import ConfigError
-from psvae_jax.tasks import common
+from psvae_jax.tasks import autoencoder_parts
 from psvae_jax.tasks.autoencoder import AutoencoderTask
 
 
@@ -29,7 +29,7 @@ class SVAETask(AutoencoderTask):
 
   def load_init(self, params: nnx.State, path: str) -> nnx.State:
     if path:
-      params = common.load_encoder_init(params, path, prefix="encoder")
+      params = autoencoder_parts.load_encoder_init(params, path, prefix="encoder")
       if self.config.model.init_from_encoder:
-        params = common.copy_encoder_blocks_into_svae(params, self.config.model.svae_depth)
+        params = autoencoder_parts.copy_encoder_blocks_into_svae(params, self.config.model.svae_depth)
     return self.load_lpips(params)

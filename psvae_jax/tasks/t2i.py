@@ -45,7 +45,7 @@ from psvae_jax.models import mmdit
 from psvae_jax.models import text_encoder as text_encoder_lib
 from psvae_jax.models.ddt_head import DDTHeadConfig
 from psvae_jax.models.flops import mmdit_train_flops
-from psvae_jax.tasks import common
+from psvae_jax.tasks import autoencoder_parts
 from psvae_jax.tasks.autoencoder import pixel_decoder_from_config, unit_range_to_uint8
 from psvae_jax.tasks.base import Task
 from psvae_jax.tokenizers import build_tokenizer, tokenize
@@ -83,7 +83,7 @@ def text_encoder_config(model_config) -> text_encoder_lib.TextEncoderConfig:
 
 def latent_grid(autoencoder_config) -> int:
   """Side of the PS-VAE latent grid (encoder tokens per side)."""
-  c = common.encoder_config(autoencoder_config)
+  c = autoencoder_parts.encoder_config(autoencoder_config)
   if autoencoder_config.encoder_resolution % c.patch_size:
     raise ConfigError(f"config.model.autoencoder.encoder_resolution="
                       f"{autoencoder_config.encoder_resolution} is not a multiple of the "
@@ -119,12 +119,12 @@ class T2IModel(nnx.Module):
     """`generator`: the MMDiT shape (default `generator_config(config)`; editing adds its
     source embedding)."""
     m, ae = config.model, config.model.autoencoder
-    dtype = common.compute_dtype(config)
+    dtype = autoencoder_parts.compute_dtype(config)
     kw = dict(dtype=dtype, attention_impl=config.attention_impl, rngs=rngs)
     self.text_encoder = text_encoder_lib.build_text_encoder(
         text_encoder_config(m), rngs=rngs, dtype=dtype, attention_impl=config.attention_impl)
-    self.encoder = common.build_representation_encoder(ae, **kw)
-    self.svae = common.build_semantic_vae(ae, self.encoder, **kw)
+    self.encoder = autoencoder_parts.build_representation_encoder(ae, **kw)
+    self.svae = autoencoder_parts.build_semantic_vae(ae, self.encoder, **kw)
     # Only E_s maps features to latents here; D_s is not part of this model.
     self.svae.dec_blocks = None
     self.svae.dec_proj = None
@@ -137,7 +137,7 @@ class T2IModel(nnx.Module):
 
 def image_latents(model: T2IModel, images: jax.Array, autoencoder_config) -> jax.Array:
   """Normalised PS-VAE latents (posterior mean) of uint8 NHWC images, float32."""
-  features = common.encoder_features(model.encoder, images, autoencoder_config)
+  features = autoencoder_parts.encoder_features(model.encoder, images, autoencoder_config)
   z = model.svae.encode(features).mean
   return jax.lax.stop_gradient(model.latent_norm.normalize(z))
 
@@ -173,13 +173,13 @@ def text_encoder_forward_flops(c: text_encoder_lib.TextEncoderConfig, tokens: in
 
 def latent_encoder_forward_flops(autoencoder_config) -> float:
   """Representation encoder + E_s forward FLOPs per image."""
-  c = common.encoder_config(autoencoder_config)
+  c = autoencoder_parts.encoder_config(autoencoder_config)
   tokens = latent_grid(autoencoder_config) ** 2
   gated = c.mlp_type == "swiglu"
-  flops = common.vit_forward_flops(c.width, c.depth, c.mlp_dim, tokens + c.num_prefix_tokens,
+  flops = autoencoder_parts.vit_forward_flops(c.width, c.depth, c.mlp_dim, tokens + c.num_prefix_tokens,
                                    gated=gated)
   flops += 2 * tokens * c.patch_size ** 2 * c.num_channels * c.width
-  flops += common.vit_forward_flops(c.width, autoencoder_config.svae_depth, c.mlp_dim, tokens,
+  flops += autoencoder_parts.vit_forward_flops(c.width, autoencoder_config.svae_depth, c.mlp_dim, tokens,
                                     gated=gated)
   flops += 2 * tokens * (c.width * c.width + c.width * 2 * autoencoder_config.latent_channels)
   return float(flops)
@@ -236,7 +236,7 @@ def load_psvae_weights(path: str, config, mesh: jax.sharding.Mesh
       raise ConfigError(f"config.init={path!r} is a {run_config.get('task')!r} run; T2I starts "
                         "from a PS-VAE run's workdir (its weights and latent statistics)")
     check_autoencoder_config(config, run_config.model, path)
-    layout = ts.make_layout(PSVAETask(run_config), run_config, mesh)
+    layout = ts.make_train_setup(PSVAETask(run_config), run_config, mesh)
     use_ema = layout.abstract_ema is not None and "ema" in reader.item_names(step)
     restored = reader.restore(step, abstract_state=None if use_ema else layout.abstract_state,
                               abstract_ema=layout.abstract_ema if use_ema else None)
@@ -308,7 +308,7 @@ def load_text_encoder(params: nnx.State, path: str, model_config) -> nnx.State:
     raise ConfigError(f"config.model.text_encoder_init={path!r} differs from "
                       f"config.model.text_encoder={model_config.text_encoder!r}: "
                       + ", ".join(diff))
-  return common.load_encoder_init(params, path, prefix="text_encoder")
+  return autoencoder_parts.load_encoder_init(params, path, prefix="text_encoder")
 
 
 def _host_value(variable) -> np.ndarray:
@@ -362,7 +362,7 @@ class T2ITask(Task):
         source = weights[group]
         if group == "svae":
           source = _subset(source, params[group])
-        params = common.fill_subtree(params, group, source, what=path)
+        params = autoencoder_parts.fill_subtree(params, group, source, what=path)
       params = set_latent_stats(params, extras.get("latent_stats"),
                                 what=f"the PS-VAE checkpoint {path} (step {step})")
     if m.text_encoder_init:

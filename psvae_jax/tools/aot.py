@@ -4,7 +4,7 @@
       [--config.a.b=value ...]
 
 The step is the one `train.py` runs (`train.make_train_step` on the layout and shardings of
-`train_state.make_layout`), jitted with the same shardings and donation and lowered on abstract
+`train_state.make_train_setup`), jitted with the same shardings and donation and lowered on abstract
 arguments (no memory is allocated, no TPU is needed: only `libtpu`'s compiler). Prints ONE JSON
 line with the per-chip memory XLA assigned (arguments, outputs, temporaries, aliased donations),
 the chip's HBM, whether it fits, and XLA's cost-model FLOPs and time estimate.
@@ -222,7 +222,7 @@ def compile_train_step(config, devices, example_source: str = ""):
         f"config.batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
         f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     batch = abstract_batch(task, config, mesh, example_source)
   # Built outside the mesh context: it makes concrete host constants (the base RNG key), which
   # cannot be placed on compile-only devices.

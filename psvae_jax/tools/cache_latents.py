@@ -107,7 +107,7 @@ def load_frozen_model(workdir: str, *, mesh, text_encoder: str = "qwen2.5-0.5b",
                                 max_text_len=max_text_len, psvae_dir=workdir)
   task = get_task(config)
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     state = ts.init_state(task, config, layout)
     params = task.load_init(ts.all_params(state), workdir)
     trainable, frozen = ts.split_params(layout, params)
@@ -196,7 +196,7 @@ def cache_latents(workdir: str, data: str, out: str, *, text_encoder: str = "qwe
   """Writes the cache (see the module docstring); returns the summary written next to it."""
   import ml_dtypes
 
-  from psvae_jax.data.pipeline import collate
+  from psvae_jax.data.loader import collate
   from psvae_jax.data.shards import ShardWriter
   from psvae_jax.tokenizers import tokenize
 

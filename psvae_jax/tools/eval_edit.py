@@ -158,13 +158,13 @@ def reconstruct(task, model, images: np.ndarray, batch_size: int) -> np.ndarray:
 def randomise_generator(task, model, seed: int) -> None:
   """Replaces the generator's parameters by a fresh MMDiT initialisation (in place)."""
   from psvae_jax.models import mmdit
-  from psvae_jax.tasks import common
+  from psvae_jax.tasks import autoencoder_parts
 
   config = task.config
   fresh = mmdit.MMDiT(task.generator, scan_layers=config.model.scan_layers,
-                      dtype=common.compute_dtype(config), rngs=nnx.Rngs(seed))
+                      dtype=autoencoder_parts.compute_dtype(config), rngs=nnx.Rngs(seed))
   target = nnx.state(model.generator, nnx.Param)
-  common.fill_subtree(nnx.State({"generator": target}), "generator",
+  autoencoder_parts.fill_subtree(nnx.State({"generator": target}), "generator",
                       nnx.state(fresh, nnx.Param), what=f"a random initialisation (seed {seed})")
 
 

@@ -130,7 +130,7 @@ def make_recon_fn(model, config, lpips):
   """Jitted (model_state, lpips_state, uint8 images) -> per-image metrics and uint8 recons."""
   from psvae_jax.metrics.psnr import psnr
   from psvae_jax.metrics.ssim import ssim
-  from psvae_jax.tasks import common
+  from psvae_jax.tasks import autoencoder_parts
   from psvae_jax.tasks.autoencoder import images_to_unit_range, reconstruct, unit_range_to_uint8
 
   graphdef, _ = nnx.split(model)
@@ -140,7 +140,7 @@ def make_recon_fn(model, config, lpips):
   def run(state, lpips_state, images):
     m = nnx.merge(graphdef, state)
     recon, features, _, x_rec = reconstruct(m, images, config.model)
-    target = (common.encoder_features(m.teacher, images, config.model) if use_teacher
+    target = (autoencoder_parts.encoder_features(m.teacher, images, config.model) if use_teacher
               else features)
     recon, target = recon.astype(jnp.float32), target.astype(jnp.float32)
     cos = jnp.sum(recon * target, -1) / (

@@ -92,7 +92,7 @@ def randomize_generator(task, model, seed: int) -> None:
   """Replaces model.generator's weights by a fresh initialisation of the same config, placed
   like the restored ones."""
   from psvae_jax.models import mmdit
-  from psvae_jax.tasks import common
+  from psvae_jax.tasks import autoencoder_parts
 
   config = task.config
   old = nnx.state(model.generator)
@@ -103,7 +103,7 @@ def randomize_generator(task, model, seed: int) -> None:
     fresh = mmdit.MMDiT(task.generator, scan_layers=m.scan_layers,
                         remat_policy=m.remat_policy or None,
                         attention_impl=config.attention_impl,
-                        dtype=common.compute_dtype(config), rngs=nnx.Rngs(seed))
+                        dtype=autoencoder_parts.compute_dtype(config), rngs=nnx.Rngs(seed))
     return nnx.state(fresh)
 
   nnx.update(model.generator, jax.jit(init, out_shardings=shardings)())

@@ -68,13 +68,13 @@ def _require_labels(batch, source: str) -> None:
 
 def make_latent_fn(model, config):
   """Jitted (model_state, uint8 images) -> posterior mean z (B, h, w, C) float32."""
-  from psvae_jax.tasks import common
+  from psvae_jax.tasks import autoencoder_parts
 
   graphdef, _ = nnx.split(model)
 
   def run(state, images):
     m = nnx.merge(graphdef, state)
-    features = common.encoder_features(m.encoder, images, config.model)
+    features = autoencoder_parts.encoder_features(m.encoder, images, config.model)
     return m.svae.encode(features).mean.astype(jnp.float32)
 
   return jax.jit(run)

@@ -60,7 +60,7 @@ def load_run_model(workdir: str, *, use_ema: bool = True, mesh: Mesh | None = No
     task = get_task(config)
     mesh = default_mesh() if mesh is None else mesh
     with jax.set_mesh(mesh):
-      layout = ts.make_layout(task, config, mesh)
+      layout = ts.make_train_setup(task, config, mesh)
       with_ema = (use_ema and layout.abstract_ema is not None
                   and "ema" in reader.item_names(step))
       if use_ema and layout.abstract_ema is not None and not with_ema:

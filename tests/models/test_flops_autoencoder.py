@@ -1,5 +1,5 @@
 """Analytic FLOP counts of the autoencoder networks and training steps (psvae_jax.models.
-flops_conv, tasks.common.autoencoder_train_flops) and of the T2I step against XLA's HLO cost
+flops_conv, tasks.autoencoder_parts.autoencoder_train_flops) and of the T2I step against XLA's HLO cost
 analysis of the lowered (not compiled) computation.
 
 Tolerance: the analytic counts include only matmuls and convolutions; XLA also counts every
@@ -100,7 +100,7 @@ def _lowered_step_flops(config, batch_specs) -> float:
   task = get_task(config)
   mesh = sharding.make_mesh({"data": 1}, ONE_DEVICE)
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     return xla_flops(train.make_train_step(task, layout, config), layout.abstract_state,
                      layout.abstract_ema, batch_specs)
 

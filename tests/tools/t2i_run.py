@@ -56,7 +56,7 @@ def write_run(workdir: str, config):
   stats = {"mean": [0.1 * i for i in range(channels)],
            "std": [0.5 + 0.1 * i for i in range(channels)]}
   with jax.set_mesh(mesh):
-    layout = ts.make_layout(task, config, mesh)
+    layout = ts.make_train_setup(task, config, mesh)
     state = jax.tree.map(fill, layout.abstract_state)
     ema = jax.tree.map(fill, layout.abstract_ema)
     writer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)

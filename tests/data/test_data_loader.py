@@ -10,7 +10,7 @@ from PIL import Image
 
 from data_fixtures import png_with_header_size
 
-from psvae_jax.data import DataError, make_eval_batches, make_train_iterator, pipeline
+from psvae_jax.data import DataError, loader, make_eval_batches, make_train_iterator
 from psvae_jax.data.decode import encode_image
 from psvae_jax.data.errors import MIN_RECORDS_FOR_BAD_CHECK
 
@@ -161,7 +161,7 @@ def test_too_many_bad_records_raise_naming_examples(tmp_path):
 @pytest.mark.reliability(fault="a source where every record is bad",
                          expected="DataError instead of an endless loop")
 def test_a_source_with_no_usable_record_raises(tmp_path, monkeypatch):
-  monkeypatch.setattr(pipeline, "MAX_CONSECUTIVE_BAD", 30)
+  monkeypatch.setattr(loader, "MAX_CONSECUTIVE_BAD", 30)
   (tmp_path / "bad").mkdir()
   for i in range(3):
     (tmp_path / "bad" / f"{i}.jpg").write_bytes(b"")

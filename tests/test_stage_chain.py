@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from psvae_jax import pipeline
+from psvae_jax import stage_chain
 from psvae_jax.config_base import ConfigError
 from psvae_jax.config_loader import load_config
 
@@ -30,19 +30,19 @@ def test_stage_override_errors():
   config = _config()
   config.overrides = ("nope.total_steps=1",)
   with pytest.raises(ConfigError, match="stage in \\['svae', 'psvae'\\]"):
-    pipeline.stage_configs(config)
+    stage_chain.stage_configs(config)
   config.overrides = ("svae.model.no_such_key=1",)
   with pytest.raises(KeyError, match="no_such_key"):
-    pipeline.stage_configs(config)
+    stage_chain.stage_configs(config)
 
 
 @pytest.mark.slow
 def test_pipeline_runs_and_resumes(tmp_path):
   workdir = str(tmp_path / "run")
-  first = pipeline.run(_config(), workdir)
+  first = stage_chain.run(_config(), workdir)
   assert first["svae"]["source"] == "scratch"
   assert first["psvae"]["source"] == f"init {os.path.join(workdir, 'svae')}"
   assert os.path.exists(os.path.join(workdir, "psvae", "checkpoints", "2"))
-  again = pipeline.run(_config(), workdir)
+  again = stage_chain.run(_config(), workdir)
   assert again["svae"]["start_step"] == again["psvae"]["start_step"] == 2
   assert "final_step" in again["psvae"] and "last_metrics" not in again["psvae"]
