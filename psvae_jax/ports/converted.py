@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,13 +79,14 @@ def save_converted(module: VisionEncoder | TextEncoder, out_dir: str, *, model_t
 
 
 def restore_params(module: VisionEncoder | TextEncoder, directory: str, *,
-                   mesh: jax.sharding.Mesh | None = None) -> None:
+                   shardings: Callable[[nnx.State], nnx.State] | None = None) -> None:
   """Restores DIR/params into `module`'s parameters (in place).
 
   The stored tree must match the module's parameters exactly (same paths, same shapes);
   otherwise one WeightLoadError names every missing, unexpected and mis-shaped entry. A module
-  built with scan_layers=True receives the per-layer tensors stacked. With `mesh`, each
-  parameter is restored directly into its sharding from its logical axis names.
+  built with scan_layers=True receives the per-layer tensors stacked. With `shardings` (the
+  module's parameter state -> the same tree of shardings, e.g. `sharding.state_shardings` on a
+  mesh), each parameter is restored directly into its sharding.
   """
   import orbax.checkpoint as ocp
   path = os.path.join(os.path.abspath(directory), PARAMS_NAME)
@@ -116,10 +117,8 @@ def restore_params(module: VisionEncoder | TextEncoder, directory: str, *,
   if problems:
     raise WeightLoadError(f"cannot restore {path}:\n  " + "\n  ".join(problems))
 
-  shardings = None
-  if mesh is not None:
-    from psvae_jax.sharding import state_shardings
-    shardings = _flat(nnx.to_pure_dict(state_shardings(param_state, mesh)))
+  if shardings is not None:
+    shardings = _flat(nnx.to_pure_dict(shardings(param_state)))
   if scanned:
     restored = _flat(checkpointer.restore(path, _abstract(stored, None)))
     restored = _stack_flat(restored, _stack_name(module.config), module.config.depth)
@@ -196,13 +195,15 @@ def _stack_flat(flat: dict, stack: str, depth: int) -> dict:
 
 
 def load_converted(directory: str, *, dtype: Any = jnp.float32, attention_impl: str = "xla",
-                   scan_layers: bool = False, mesh: jax.sharding.Mesh | None = None
+                   scan_layers: bool = False,
+                   shardings: Callable[[nnx.State], nnx.State] | None = None
                    ) -> VisionEncoder | TextEncoder:
-  """Rebuilds the module described by DIR/port_config.json and restores DIR/params into it."""
+  """Rebuilds the module described by DIR/port_config.json and restores DIR/params into it
+  (`shardings` as in `restore_params`)."""
   where = os.path.join(directory, CONFIG_NAME)
   config = config_from_port_config(read_json(where), where)
   cls = VisionEncoder if isinstance(config, EncoderConfig) else TextEncoder
   module = nnx.eval_shape(lambda: cls(config, attention_impl=attention_impl,
                                       scan_layers=scan_layers, dtype=dtype, rngs=nnx.Rngs(0)))
-  restore_params(module, directory, mesh=mesh)
+  restore_params(module, directory, shardings=shardings)
   return module

@@ -53,11 +53,12 @@ def test_cli_writes_config_and_params_and_restores_exactly(dinov2_checkpoint, tm
 
 
 def test_restore_sharded_on_mesh(dinov2_checkpoint, tmp_path):
-  from psvae_jax.sharding import make_mesh
+  from psvae_jax.sharding import make_mesh, state_shardings
   from psvae_jax.tools.convert import convert
   convert(dinov2_checkpoint, str(tmp_path / "c"))
   mesh = make_mesh({"data": 2, "fsdp": 4})
-  module = converted.load_converted(str(tmp_path / "c"), mesh=mesh)
+  module = converted.load_converted(str(tmp_path / "c"),
+                                    shardings=lambda state: state_shardings(state, mesh))
   kernel = module.blocks.blocks[0].attn.qkv.kernel.get_value()
   assert kernel.sharding.spec[0] == "fsdp"
   reference = hf.load(dinov2_checkpoint).blocks.blocks[0].attn.qkv.kernel.get_value()
