@@ -463,11 +463,14 @@ def read_config(directory: str, step: int | None = None) -> dict:
 
 
 def resolve_checkpoint_dir(path: str) -> str:
-  """Accepts a run's workdir or its checkpoints/ dir; returns the checkpoints dir."""
-  candidate = os.path.join(path, "checkpoints")
-  if _is_gcs(path) or os.path.isdir(candidate):
-    return candidate if not _is_gcs(path) else candidate
-  return path
+  """Accepts a run's workdir or its checkpoints/ dir (local or gs://); returns the checkpoints
+  dir."""
+  trimmed = path.rstrip("/")
+  candidate = os.path.join(trimmed, "checkpoints")
+  if not _is_gcs(path):
+    return candidate if os.path.isdir(candidate) else path
+  # A bucket has no directories to look at: a path ending in checkpoints/ is that directory.
+  return trimmed if os.path.basename(trimmed) == "checkpoints" else candidate
 
 
 def restore_tree(path: str, abstract_tree, *, what: str):

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from psvae_jax import checkpoint as ckpt_lib
-from psvae_jax import config_base, perf, sharding
+from psvae_jax import config_base, perf, runs, sharding
 from psvae_jax import train_state as ts
 from psvae_jax.metrics_log import RunLogger
 from psvae_jax.optim import ema_update, learning_rate_schedule
@@ -142,7 +142,7 @@ class PreemptionWatch:
 # --- resume --------------------------------------------------------------------------------
 
 def restore_or_init(task: Task, config, layout: ts.TrainSetup, checkpointer: ckpt_lib.Checkpointer,
-                    data_iterator) -> tuple[dict, Any, str]:
+                    data_iterator, mesh) -> tuple[dict, Any, str]:
   """Resume order: this workdir's newest complete checkpoint, config.resume, config.init, scratch.
 
   Damaged workdir steps are skipped with a warning and set aside; if steps exist but none is
@@ -171,7 +171,7 @@ def restore_or_init(task: Task, config, layout: ts.TrainSetup, checkpointer: ckp
   if not config.init:
     task.check_fresh_start()
   state = ts.init_state(task, config, layout)
-  merged = task.load_init(ts.all_params(state), config.init)
+  merged = runs.init_params(task, ts.all_params(state), config.init, mesh)
   state["params"], state["frozen"] = ts.split_params(layout, merged)
   source = f"init {config.init}" if config.init else "scratch"
   return state, ts.init_ema(state, layout), source
@@ -227,6 +227,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   from psvae_jax import data as data_lib
 
   config_base.validate(config)
+  config = runs.with_parent_config(config)
   task = get_task(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   _check_batch_divisibility(config, mesh)
@@ -245,7 +246,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       data_iterator = data_lib.make_train_iterator(
           config.data, global_batch_size=config.batch_size, seed=config.seed,
           process_index=jax.process_index(), process_count=jax.process_count())
-      state, ema, source = restore_or_init(task, config, layout, checkpointer, data_iterator)
+      state, ema, source = restore_or_init(task, config, layout, checkpointer, data_iterator,
+                                           mesh)
       start = int(jax.device_get(state["step"]))
       summary.update(start_step=start, source=source,
                      trainable_params=ts.num_params(state["params"]),

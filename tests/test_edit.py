@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from psvae_jax import checkpoint as ckpt_lib
-from psvae_jax import sharding
+from psvae_jax import runs, sharding
 from psvae_jax import train as train_lib
 from psvae_jax import train_state as ts
 from psvae_jax.config_base import ConfigError, to_json
@@ -265,7 +265,7 @@ def test_init_from_a_t2i_run(t2i_run):
     abstract = layout.abstract_state
     params = ts.all_params({k: jax.tree.map(lambda a: jax.device_put(
         np.full(a.shape, 0.01, a.dtype), a.sharding), abstract[k]) for k in ("params", "frozen")})
-    loaded = jax.device_get(task.load_init(params, t2i_dir).to_pure_dict())
+    loaded = jax.device_get(runs.init_params(task, params, t2i_dir, mesh).to_pure_dict())
   same = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
   generator = dict(loaded["generator"])
   # The new source embedding and cell codes keep their initial values; everything else is the
@@ -274,21 +274,21 @@ def test_init_from_a_t2i_run(t2i_run):
   np.testing.assert_array_equal(generator.pop("edit_positions"), np.float32(0.01))
   assert same(generator, t2i_ema["generator"])
   assert not same(generator, t2i_params["generator"])
-  for group in edit._FROM_T2I:
+  for group in edit._FROM_T2I[1:]:
     assert same(loaded[group], t2i_params[group]), group
 
 
 def test_init_checks_the_t2i_run(t2i_run, tmp_path):
   t2i_dir = t2i_run[0]
   mesh = sharding.make_mesh({"data": 1}, ONE_DEVICE)
-  config = tiny_edit_config(**{"model.qk_norm": "", "model.autoencoder.latent_channels": 4})
-  with pytest.raises(ConfigError, match=r"qk_norm='' but the run has 'rms_norm'.*"
-                                        r"autoencoder.latent_channels=4 but the run has 8"):
-    edit.load_t2i_params(t2i_dir, config, mesh)
+  config = tiny_edit_config(**{"model.qk_norm": "", "model.generator": "small"})
+  with pytest.raises(ConfigError, match=r"generator='small' but the run has 'tiny'.*"
+                                        r"qk_norm='' but the run has 'rms_norm'"):
+    runs.init_from_parent(get_task(config), None, t2i_dir, mesh)
   other = str(tmp_path / "edit")
   write_run(other, tiny_edit_config())
-  with pytest.raises(ConfigError, match="is a 'edit' run; editing starts from a T2I run"):
-    edit.load_t2i_params(other, tiny_edit_config(), mesh)
+  with pytest.raises(ConfigError, match="is a 'edit' run; this stage starts from a 't2i' run"):
+    runs.init_from_parent(get_task(tiny_edit_config()), None, other, mesh)
   with pytest.raises(ConfigError, match="config.init is empty: editing starts from a T2I run"):
     get_task(tiny_edit_config(**{"model.require_init": True})).check_fresh_start()
 

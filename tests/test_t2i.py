@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from psvae_jax import checkpoint as ckpt_lib
-from psvae_jax import sharding
+from psvae_jax import runs, sharding
 from psvae_jax import train as train_lib
 from psvae_jax import train_state as ts
 from psvae_jax.config_base import ConfigError
@@ -106,12 +106,20 @@ def test_t2i_from_psvae_run(tmp_path, psvae_run):
   assert "samples_0000002.png" in samples and "samples_reference_0000002.png" in samples
 
 
-def test_autoencoder_mismatch_is_named(psvae_run):
+def test_autoencoder_section_comes_from_the_psvae_run(psvae_run):
   psvae_dir, psvae_config = psvae_run
-  config = _t2i_config(psvae_config)
-  config.model.autoencoder.latent_channels = 4
-  with pytest.raises(ConfigError, match="latent_channels=4 but the run has 8"):
-    t2i.load_psvae_weights(psvae_dir, config, sharding.make_mesh({"data": 1}, ONE_DEVICE))
+  config = _t2i_config(psvae_config, init=psvae_dir)
+  with config.unlocked():
+    config.model.autoencoder.latent_channels = 4
+    config.model.autoencoder.remat = True
+  adopted = runs.with_parent_config(config)
+  assert adopted.model.autoencoder.latent_channels == psvae_config.model.latent_channels == 8
+  assert adopted.model.autoencoder.remat  # this run's own setting
+  assert adopted.model.autoencoder.svae_depth == psvae_config.model.svae_depth
+  assert adopted.is_locked == config.is_locked
+  with config.unlocked():
+    config.init = ""
+  assert runs.with_parent_config(config) is config  # scratch: the local default
 
 
 def test_cached_inputs_give_the_same_loss():

@@ -12,9 +12,14 @@ TASKS = {
 }
 
 
+def task_class(name: str) -> type:
+  """The task class registered as `name`; unknown names are an error listing known ones."""
+  if name not in TASKS:
+    raise ValueError(f"config.task={name!r} is not a known task; known: {sorted(TASKS)}")
+  module_name, class_name = TASKS[name]
+  return getattr(importlib.import_module(module_name), class_name)
+
+
 def get_task(config):
-  """Instantiates the task for `config.task`; unknown names are an error listing known ones."""
-  if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r} is not a known task; known: {sorted(TASKS)}")
-  module_name, class_name = TASKS[config.task]
-  return getattr(importlib.import_module(module_name), class_name)(config)
+  """Instantiates the task for `config.task`."""
+  return task_class(config.task)(config)

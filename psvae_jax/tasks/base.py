@@ -5,12 +5,38 @@ sharding, optimisation, EMA, checkpoints, logging and the data iterator.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class ParentRun:
+  """What a stage takes from the run it starts from (`config.init` = that run's workdir).
+
+  `psvae_jax.runs.init_params` fills it: it checks the parent's task and config, copies the
+  parameter groups (EMA weights where the parent kept them) and hands the extras to
+  `Task.from_parent`; `runs.with_parent_config` copies the inherited config sections first.
+  """
+  task: str  # the parent's config.task
+  groups: Mapping[str, str]  # this model's parameter group -> the parent's group
+  optional: tuple[str, ...] = ()  # groups that keep their values when the parent lacks them
+  # Groups that take only the top-level entries this model has from the parent's (E_s
+  # without D_s); in the others every entry must match.
+  partial: tuple[str, ...] = ()
+  # Entries of a group that the parent's group lacks and that keep their initial values (new
+  # parameters).
+  new_entries: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  match: tuple[str, ...] = ()  # config.model keys that must equal the parent's
+  # This config's dotted section <- the parent config's dotted section (e.g. the autoencoder's
+  # model section), copied before the model is built; `local` keys in it stay this run's.
+  inherit: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  local: tuple[str, ...] = ("remat",)
+  extras: tuple[str, ...] = ()  # checkpoint extras the parent must hold
 
 
 class Task:
@@ -22,6 +48,8 @@ class Task:
 
   #: Regex (re.search on dotted parameter paths) of parameters the task always freezes.
   frozen_params: str = ""
+  #: What `config.init` (a previous run) provides; None: config.init is not a run.
+  parent: ParentRun | None = None
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -33,12 +61,19 @@ class Task:
     raise NotImplementedError
 
   def load_init(self, params: nnx.State, path: str) -> nnx.State:
-    """Called on every fresh start (nothing to resume): returns `params` (all nnx.Param of the
-    model, sharded) with pretrained weights filled in, from `path` (`config.init`, may be '')
-    and from any other weights the task's config names. Must raise on anything it cannot
-    load."""
-    if path:
+    """Called on every fresh start (nothing to resume), after the `parent` run's groups are
+    filled: returns `params` (all nnx.Param of the model, sharded) with pretrained weights
+    filled in, from `path` (`config.init`, may be '') when it is not a run, and from any other
+    weights the task's config names. Must raise on anything it cannot load."""
+    if path and self.parent is None:
       raise NotImplementedError(f"task {type(self).__name__} does not support config.init")
+    return params
+
+  def from_parent(self, params: nnx.State, parent_groups: set[str], extras: dict[str, Any],
+                  what: str) -> nnx.State:
+    """Receives what the parent run gave besides its parameter groups: the names of the
+    groups it had (`parent_groups`) and its checkpoint extras; `what` names the run and step
+    for error messages. Returns `params`."""
     return params
 
   def check_fresh_start(self) -> None:

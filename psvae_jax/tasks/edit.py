@@ -29,7 +29,8 @@ alone gives text guidance with the source, v(src, -) + s_txt (v(src, txt) - v(sr
 
 Initialisation (`config.init` = the T2I run's workdir): the generator from the run's EMA weights,
 the text encoder, the PS-VAE encoder / E_s / pixel decoder and the latent statistics from its
-(frozen) parameters; config.model must describe the same model (checked, differences named).
+(frozen) parameters, config.model.autoencoder from its stored config; the rest of config.model
+must describe the same model (checked, differences named).
 The text encoder stays frozen (PAPER.md: a pretrained Qwen2.5) unless
 config.model.train_text_encoder, which trains it with the generator (toy runs, whose tiny text
 encoder is random: frozen, its states hardly tell the colour words apart).
@@ -38,8 +39,6 @@ Without a source image (`generate` on a caption batch) the edit model samples te
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -51,19 +50,13 @@ from psvae_jax.config_base import ConfigError
 from psvae_jax.data.errors import DataError
 from psvae_jax.models import mmdit
 from psvae_jax.models.flops import mmdit_train_flops
-from psvae_jax.tasks import autoencoder_parts
 from psvae_jax.tasks import t2i
 from psvae_jax.tasks.autoencoder import unit_range_to_uint8
+from psvae_jax.tasks.base import ParentRun
 from psvae_jax.tokenizers import tokenize
 
-# Parameter groups taken from the T2I run (the generator without its source embedding).
-_FROM_T2I = ("text_encoder", "encoder", "svae", "pixel_decoder", "latent_norm")
-# config.model keys that must equal the T2I run's (shapes, layout or behaviour of what is loaded).
-_MATCH_T2I = ("generator", "ddt_head", "patch_size", "qk_norm", "pos_embed", "causal_text",
-              "scan_layers", "text_encoder", "tokenizer", "autoencoder")
-_NOT_SHAPE_KEYS = ("remat",)  # inside config.model.autoencoder
-# Generator parameters a T2I run does not have.
-_EDIT_ONLY = ("source_embedding", "edit_positions")
+# Parameter groups taken from the T2I run.
+_FROM_T2I = ("generator", "text_encoder", "encoder", "svae", "pixel_decoder", "latent_norm")
 
 
 # --- velocities ----------------------------------------------------------------------------
@@ -130,53 +123,19 @@ def guided_velocity(model, x, t, states, mask, empty_states, empty_mask, source,
   return flow.guidance_combine(v.reshape((g, b) + x.shape[1:]), jnp.asarray(scales))
 
 
-# --- loading -------------------------------------------------------------------------------
-
-def _comparable(value):
-  """A config value as compared across JSON round trips (tuples and lists alike)."""
-  if hasattr(value, "to_dict"):
-    value = value.to_dict()
-  return json.loads(json.dumps(value, default=str))
-
-
-def check_t2i_config(config, run_model_config, path: str) -> None:
-  """config.model must describe the T2I run's model (_MATCH_T2I); differences are listed."""
-  ours, theirs = _comparable(config.model), _comparable(run_model_config)
-  problems = []
-  for key in _MATCH_T2I:
-    if key not in theirs:
-      problems.append(f"{key}: not in the T2I run's config")
-    elif key == "autoencoder":
-      mine, run = ours[key], theirs[key]
-      problems += [f"autoencoder.{k}={mine[k]!r} but the run has {run.get(k)!r}"
-                   for k in mine if k not in _NOT_SHAPE_KEYS and mine[k] != run.get(k)]
-    elif ours[key] != theirs[key]:
-      problems.append(f"{key}={ours[key]!r} but the run has {theirs[key]!r}")
-  if problems:
-    raise ConfigError(f"config.model does not match the T2I run at {path} (set "
-                      "--config.model.<key> to the run's values): " + "; ".join(problems))
-
-
-def load_t2i_params(path: str, config, mesh) -> tuple[nnx.State, dict]:
-  """All parameters of the T2I run at `path` (generator: its EMA weights when it kept them),
-  placed on `mesh`, and its checkpoint extras (with 'step')."""
-  from psvae_jax.tools.restore_run import load_run_model, run_config
-
-  stored = run_config(path)
-  if stored.get("task") != "t2i":
-    raise ConfigError(f"config.init={path!r} is a {stored.get('task')!r} run; editing starts "
-                      "from a T2I run's workdir")
-  check_t2i_config(config, stored.model, path)
-  _, model, _, extras = load_run_model(path, mesh=mesh)
-  logging.info("edit: T2I weights from %s step %d (%s generator weights)",
-               extras["checkpoint_dir"], extras["step"], extras["weights"])
-  return nnx.state(model, nnx.Param), extras
-
-
 # --- the task ------------------------------------------------------------------------------
 
 class EditTask(t2i.T2ITask):
   """Instruction-based editing on the PS-VAE latent (sequence-concatenated source tokens)."""
+
+  # The T2I run gives its autoencoder section and every parameter group; the generator's
+  # source embedding and cell codes are new. The other config.model keys below must equal the
+  # run's (shapes, layout or behaviour of what is loaded).
+  parent = ParentRun(task="t2i", groups={g: g for g in _FROM_T2I},
+                     new_entries={"generator": ("source_embedding", "edit_positions")},
+                     inherit={"model.autoencoder": "model.autoencoder"},
+                     match=("generator", "ddt_head", "patch_size", "qk_norm", "pos_embed",
+                            "causal_text", "scan_layers", "text_encoder", "tokenizer"))
 
   def __init__(self, config):
     super().__init__(config)
@@ -202,20 +161,12 @@ class EditTask(t2i.T2ITask):
                         "--config.init=<the T2I run's workdir> (or set "
                         "config.model.require_init=False for random weights)")
 
+  def from_parent(self, params: nnx.State, parent_groups: set[str], extras: dict,
+                  what: str) -> nnx.State:
+    return params  # the latent statistics are the T2I run's frozen latent_norm
+
   def load_init(self, params: nnx.State, path: str) -> nnx.State:
-    if not path:
-      return params
-    mesh = jax.tree.leaves(params)[0].sharding.mesh
-    source, extras = load_t2i_params(path, self.config, mesh)
-    what = f"the T2I run {path} (step {extras['step']})"
-    for group in _FROM_T2I:
-      params = autoencoder_parts.fill_subtree(params, group, source[group], what=what)
-    # The generator minus the new edit parameters, which keep their initial values.
-    generator = params["generator"]
-    shared = nnx.State({k: generator[k] for k in generator.keys() if k not in _EDIT_ONLY})
-    autoencoder_parts.fill_subtree(nnx.State({"generator": shared}), "generator", source["generator"],
-                        what=what)
-    return params
+    return params  # everything pretrained comes from the T2I run
 
   # --- data ------------------------------------------------------------------------------
   def prepare_batch(self, batch) -> dict[str, np.ndarray]:

@@ -21,24 +21,22 @@ Eval: the flow loss at fixed times config.flow.eval_times on held-out batches (f
 Samples: Euler (config.flow.sample_steps, inference shift sample_shift, CFG cfg_scale) from the
 EMA generator on held-out captions, denormalised and decoded by the PS-VAE pixel decoder.
 
-Initialisation (`config.init` = the PS-VAE run's workdir): encoder, E_s and pixel decoder from
-its EMA weights (its trained weights when it kept no EMA), latent statistics from its checkpoint
-extras; the text encoder from `config.model.text_encoder_init` (a converted Qwen2 directory).
+Initialisation (`config.init` = the PS-VAE run's workdir, `T2ITask.parent`): the model section
+config.model.autoencoder is the run's stored one (the config's own is the default for a start
+without it), encoder, E_s and pixel decoder from its EMA weights (its trained weights when it
+kept no EMA), latent statistics from its checkpoint extras; the text encoder from `config.model.text_encoder_init` (a converted Qwen2 directory).
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import flow
-from psvae_jax import train_state as ts
 from psvae_jax.config_base import ConfigError
 from psvae_jax.data.errors import DataError
 from psvae_jax.models import mmdit
@@ -47,13 +45,9 @@ from psvae_jax.models.ddt_head import DDTHeadConfig
 from psvae_jax.models.flops import mmdit_train_flops
 from psvae_jax.tasks import autoencoder_parts
 from psvae_jax.tasks.autoencoder import pixel_decoder_from_config, unit_range_to_uint8
-from psvae_jax.tasks.base import Task
+from psvae_jax.tasks.base import ParentRun, Task
 from psvae_jax.tokenizers import build_tokenizer, tokenize
 
-# Keys of config.model.autoencoder that do not change the PS-VAE's parameter shapes.
-_NOT_SHAPE_KEYS = ("remat",)
-# Parameter groups of this model filled from the PS-VAE run.
-_FROM_PSVAE = ("encoder", "svae", "pixel_decoder")
 CACHED_KEYS = ("latent", "text_states", "text_mask")
 
 
@@ -187,76 +181,6 @@ def latent_encoder_forward_flops(autoencoder_config) -> float:
 
 # --- loading -------------------------------------------------------------------------------
 
-def _canonical(value):
-  """Config values as compared across JSON round trips (lists and tuples alike)."""
-  if isinstance(value, (list, tuple)):
-    return tuple(_canonical(v) for v in value)
-  if isinstance(value, (dict, ml_collections.ConfigDict)):
-    return {k: _canonical(v) for k, v in dict(value).items()}
-  return value
-
-
-def check_autoencoder_config(config, psvae_model_config, path: str) -> None:
-  """config.model.autoencoder must describe the PS-VAE run's model; differences are listed."""
-  ours = config.model.autoencoder
-  problems = []
-  for key in ours.keys():
-    if key in _NOT_SHAPE_KEYS:
-      continue
-    if key not in psvae_model_config:
-      problems.append(f"{key}: not in the PS-VAE run's config")
-      continue
-    mine, theirs = _canonical(ours[key]), _canonical(psvae_model_config[key])
-    if isinstance(mine, dict):
-      problems += [f"{key}.{k}={mine[k]!r} but the run has {theirs.get(k)!r}"
-                   for k in mine if mine[k] != theirs.get(k)]
-    elif mine != theirs:
-      problems.append(f"{key}={mine!r} but the run has {theirs!r}")
-  if problems:
-    raise ConfigError(f"config.model.autoencoder does not match the PS-VAE run at {path} "
-                      "(set --config.model.autoencoder.<key> to the run's values): "
-                      + "; ".join(problems))
-
-
-def load_psvae_weights(path: str, config, mesh: jax.sharding.Mesh
-                       ) -> tuple[dict[str, nnx.State], dict, int]:
-  """The PS-VAE run's encoder, svae and pixel decoder weights (EMA where it kept EMA), placed
-  on `mesh`, its checkpoint extras and the step they come from."""
-  from psvae_jax.tasks.psvae import PSVAETask
-
-  directory = ckpt_lib.resolve_checkpoint_dir(path)
-  reader = ckpt_lib.Checkpointer(directory, create=False, async_save=False)
-  try:
-    step = reader.latest_step()
-    if step is None:
-      raise ckpt_lib.CheckpointError(f"config.init={path!r}: no complete checkpoint in "
-                                     f"{directory}")
-    run_config = ml_collections.ConfigDict(ckpt_lib.read_config(directory, step))
-    if run_config.get("task") != "psvae":
-      raise ConfigError(f"config.init={path!r} is a {run_config.get('task')!r} run; T2I starts "
-                        "from a PS-VAE run's workdir (its weights and latent statistics)")
-    check_autoencoder_config(config, run_config.model, path)
-    layout = ts.make_train_setup(PSVAETask(run_config), run_config, mesh)
-    use_ema = layout.abstract_ema is not None and "ema" in reader.item_names(step)
-    restored = reader.restore(step, abstract_state=None if use_ema else layout.abstract_state,
-                              abstract_ema=layout.abstract_ema if use_ema else None)
-  finally:
-    reader.close()
-  params = restored["ema"] if use_ema else restored["state"]["params"]
-  missing = [g for g in _FROM_PSVAE if g not in params]
-  if missing:
-    raise ckpt_lib.CheckpointError(f"config.init={path!r}: the PS-VAE checkpoint at step {step} "
-                                   f"has no trained parameters for {missing}")
-  logging.info("T2I: PS-VAE weights from %s step %d (%s)", directory, step,
-               "EMA" if use_ema else "trained weights, the run kept no EMA")
-  return {g: params[g] for g in _FROM_PSVAE}, restored.get("extras") or {}, step
-
-
-def _subset(source: nnx.State, like: nnx.State) -> nnx.State:
-  """The top-level entries of `source` that `like` has (E_s without D_s)."""
-  return nnx.State({k: source[k] for k in like.keys() if k in source})
-
-
 def _set_value(variable: nnx.Variable, value: np.ndarray) -> None:
   old = variable.get_value()
   if value.shape != old.shape:
@@ -323,6 +247,13 @@ class T2ITask(Task):
   """Text-to-image generator training (PAPER.md: generator for text-to-image)."""
 
   frozen_params = r"^(text_encoder|encoder|svae|pixel_decoder|latent_norm)\."
+  # The PS-VAE run gives its model section (config.model.autoencoder), its encoder, E_s (its
+  # D_s is not part of this model) and pixel decoder, and its latent statistics.
+  parent = ParentRun(task="psvae",
+                     groups={"encoder": "encoder", "svae": "svae",
+                             "pixel_decoder": "pixel_decoder"},
+                     partial=("svae",), inherit={"model.autoencoder": "model"},
+                     extras=("latent_stats",))
 
   def __init__(self, config):
     super().__init__(config)
@@ -352,19 +283,12 @@ class T2ITask(Task):
                         "--config.init=<the PS-VAE run's workdir> (or set "
                         "config.model.require_autoencoder=False to use a random one)")
 
+  def from_parent(self, params: nnx.State, parent_groups: set[str], extras: dict,
+                  what: str) -> nnx.State:
+    return set_latent_stats(params, extras.get("latent_stats"), what=what)
+
   def load_init(self, params: nnx.State, path: str) -> nnx.State:
     m = self.config.model
-    if path:
-      # The run's mesh, as the parameters being filled carry it.
-      mesh = jax.tree.leaves(params)[0].sharding.mesh
-      weights, extras, step = load_psvae_weights(path, self.config, mesh)
-      for group in _FROM_PSVAE:
-        source = weights[group]
-        if group == "svae":
-          source = _subset(source, params[group])
-        params = autoencoder_parts.fill_subtree(params, group, source, what=path)
-      params = set_latent_stats(params, extras.get("latent_stats"),
-                                what=f"the PS-VAE checkpoint {path} (step {step})")
     if m.text_encoder_init:
       params = load_text_encoder(params, m.text_encoder_init, m)
     elif m.require_pretrained:

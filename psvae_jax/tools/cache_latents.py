@@ -42,9 +42,9 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from psvae_jax import sharding
+from psvae_jax import runs, sharding
 from psvae_jax.config_base import ConfigError
-from psvae_jax.tools.restore_run import default_mesh, load_run_model, run_config
+from psvae_jax.runs import default_mesh, load_run_model, run_config
 
 DTYPES = ("float32", "bfloat16")
 SUMMARY_NAME = "cache_summary.json"
@@ -67,10 +67,6 @@ def t2i_config_for_psvae(psvae_config, *, text_encoder: str, text_encoder_init: 
                       "directory of the text encoder's checkpoint)")
   config = load_config("configs/t2i.py")
   with config.unlocked():
-    for key in config.model.autoencoder.keys():
-      if key not in psvae_config.model:
-        raise ConfigError(f"{psvae_dir}: the PS-VAE run's config has no model.{key}")
-      config.model.autoencoder[key] = psvae_config.model[key]
     config.model.generator = "tiny"
     config.model.ddt_head = False
     config.model.text_encoder = text_encoder
@@ -80,7 +76,7 @@ def t2i_config_for_psvae(psvae_config, *, text_encoder: str, text_encoder_init: 
     config.init = psvae_dir
     config.data.image_size = int(psvae_config.data.image_size)
     config.optim.ema_decay = 0.0
-  return config
+  return runs.with_parent_config(config)  # the autoencoder section is the PS-VAE run's
 
 
 def load_frozen_model(workdir: str, *, mesh, text_encoder: str = "qwen2.5-0.5b",
@@ -109,7 +105,7 @@ def load_frozen_model(workdir: str, *, mesh, text_encoder: str = "qwen2.5-0.5b",
   with jax.set_mesh(mesh):
     layout = ts.make_train_setup(task, config, mesh)
     state = ts.init_state(task, config, layout)
-    params = task.load_init(ts.all_params(state), workdir)
+    params = runs.init_params(task, ts.all_params(state), workdir, mesh)
     trainable, frozen = ts.split_params(layout, params)
     model = layout.merge(trainable, frozen, state["other"])
   return task, model, {"run": workdir, "run_task": "psvae", "text_encoder_init":

@@ -34,8 +34,8 @@ class InputError(ValueError):
 
 def load_edit_run(workdir: str):
   """(task, model, config, extras) of an edit run's latest checkpoint (EMA weights); extras
-  as `restore_run.load_run_model` returns them (with 'step')."""
-  from psvae_jax.tools.restore_run import load_run_model, run_config
+  as `runs.load_run_model` returns them (with 'step')."""
+  from psvae_jax.runs import load_run_model, run_config
 
   task_name = run_config(workdir).get("task")
   if task_name != "edit":

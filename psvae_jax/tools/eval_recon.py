@@ -37,7 +37,7 @@ from absl import app, flags
 from flax import nnx
 
 from psvae_jax import sharding
-from psvae_jax.tools.restore_run import default_mesh, load_run_model
+from psvae_jax.runs import default_mesh, load_run_model
 
 RANDOM_INCEPTION_LABEL = ("RANDOM Inception weights (--allow_random_inception): a smoke-test "
                           "number, NOT an rFID comparable to any published value")

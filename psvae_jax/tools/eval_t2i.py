@@ -40,7 +40,7 @@ from flax import nnx
 from psvae_jax import sharding
 from psvae_jax.data import synthetic
 from psvae_jax.data.synthetic_score import detect_objects
-from psvae_jax.tools.restore_run import default_mesh, load_run_model, run_config
+from psvae_jax.runs import default_mesh, load_run_model, run_config
 
 MIN_SCORED_SIZE = 64  # the detector's lower bound (synthetic_score's module docstring)
 

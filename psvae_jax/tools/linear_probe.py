@@ -27,7 +27,7 @@ from flax import nnx
 
 from psvae_jax import sharding
 from psvae_jax.tools.eval_recon import eval_data_config, write_bytes
-from psvae_jax.tools.restore_run import default_mesh, load_run_model
+from psvae_jax.runs import default_mesh, load_run_model
 
 
 def training_images(data_config, num_images: int, batch_size: int,

@@ -36,7 +36,7 @@ from absl import app, flags
 from psvae_jax import sharding
 from psvae_jax.tools.eval_recon import write_bytes
 from psvae_jax.tools.eval_t2i import generate_images
-from psvae_jax.tools.restore_run import default_mesh, load_run_model, run_config
+from psvae_jax.runs import default_mesh, load_run_model, run_config
 
 TASKS = ("t2i", "edit")  # runs whose `generate` samples captions without other inputs
 MANIFEST = "prompts.jsonl"

@@ -39,7 +39,7 @@ from flax import nnx
 from PIL import Image
 
 from psvae_jax import sharding
-from psvae_jax.tools.restore_run import default_mesh, load_run_model
+from psvae_jax.runs import default_mesh, load_run_model
 
 BENCHES = ("geneval", "dpg")
 MAX_DPG_SAMPLES = 4  # compute_dpg_bench.py crops at most a 2x2 grid

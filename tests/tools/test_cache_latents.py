@@ -12,7 +12,7 @@ from psvae_jax import data as data_lib
 from psvae_jax.config_base import ConfigError
 from psvae_jax.tasks import get_task
 from psvae_jax.tools import cache_latents
-from psvae_jax.tools.restore_run import default_mesh, load_run_model
+from psvae_jax.runs import default_mesh, load_run_model
 
 from t2i_run import write_run, write_t2i_run
 

@@ -12,7 +12,7 @@ from PIL import Image
 from psvae_jax import train as train_lib
 from psvae_jax.data import make_eval_batches
 from psvae_jax.tools import eval_recon
-from psvae_jax.tools.restore_run import default_mesh, load_run_model, run_config
+from psvae_jax.runs import default_mesh, load_run_model, run_config
 
 
 @pytest.fixture

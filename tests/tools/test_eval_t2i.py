@@ -10,7 +10,7 @@ from PIL import Image
 
 from psvae_jax.data import synthetic
 from psvae_jax.tools import eval_t2i
-from psvae_jax.tools.restore_run import run_config
+from psvae_jax.runs import run_config
 
 from t2i_run import STEP, write_t2i_run
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from psvae_jax.tools import sample_bench
-from psvae_jax.tools.restore_run import default_mesh
+from psvae_jax.runs import default_mesh
 
 from t2i_run import write_t2i_run
 

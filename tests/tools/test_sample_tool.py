@@ -10,7 +10,7 @@ from absl import app, flags
 from PIL import Image
 
 from psvae_jax.tools import sample
-from psvae_jax.tools.restore_run import default_mesh
+from psvae_jax.runs import default_mesh
 
 from t2i_run import STEP, write_run, write_t2i_run
 
