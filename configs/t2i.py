@@ -41,8 +41,9 @@ import ml_collections
 from psvae_jax.config_base import base_config
 from psvae_jax.tasks import autoencoder_config
 
-# config.model.autoencoder: the PS-VAE's model section, as far as it decides its shapes (checked
-# against the PS-VAE run's own config.json when config.init loads it).
+# config.model.autoencoder: the PS-VAE's model section, as far as it decides its shapes. The
+# default for a start without config.init; with it the PS-VAE run's stored model section
+# replaces this one (its `remat` stays this run's).
 _AUTOENCODER_KEYS = ("encoder", "encoder_resolution", "svae_depth", "latent_channels",
                      "scan_layers", "remat", "pixel_decoder")
 

@@ -141,6 +141,23 @@ class PreemptionWatch:
 
 # --- resume --------------------------------------------------------------------------------
 
+def separate_training_batches(task: Task, config, mesh, num_batches: int):
+  """`num_batches` global training batches (prepared by the task) from an iterator seeded apart
+  from the run's own, for `Task.finalize`; the iterator is closed afterwards."""
+  from psvae_jax import data as data_lib
+
+  iterator = data_lib.make_train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=config.seed + 1,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  try:
+    for _ in range(num_batches):
+      yield sharding.host_local_to_global(task.prepare_batch(next(iterator)), mesh)
+  finally:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+
+
 def restore_or_init(task: Task, config, layout: ts.TrainSetup, checkpointer: ckpt_lib.Checkpointer,
                     data_iterator, mesh) -> tuple[dict, Any, str]:
   """Resume order: this workdir's newest complete checkpoint, config.resume, config.init, scratch.
@@ -338,7 +355,8 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
     if (config.sample_every and done % config.sample_every == 0) or is_last:
       run_sample(done)
     if is_last:
-      task.finalize(eval_model(layout, state, ema), mesh)
+      task.finalize(eval_model(layout, state, ema),
+                    lambda n: separate_training_batches(task, config, mesh, n))
     if (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last:
       save(done)
     if watch.reached(checkpointer.manager, done):

@@ -239,11 +239,11 @@ class AutoencoderTask(Task):
                                     os.path.join(path, "lpips_vgg.safetensors"))
     return autoencoder_parts.fill_subtree(params, "lpips", nnx.state(module, nnx.Param), what=path)
 
-  def finalize(self, model, mesh) -> None:
+  def finalize(self, model, training_batches) -> None:
     n = int(self.config.get("latent_stats_batches", 0))
     if n > 0:
-      self.latent_stats = autoencoder_parts.latent_stats_from_training_data(
-          model, self.config, mesh, n, latent_statistics)
+      images = (batch["image"] for batch in training_batches(n))
+      self.latent_stats = latent_statistics(model, images, self.config.model)
 
   def checkpoint_extras(self, model) -> dict:
     return {"latent_stats": self.latent_stats} if self.latent_stats else {}

@@ -194,22 +194,3 @@ def fill_subtree(params: nnx.State, prefix: str, source: nnx.State, *, what: str
     variable.set_value(jax.device_put(jnp.array(have[path].get_value(), value.dtype, copy=True),
                                       value.sharding))
   return params
-
-
-def latent_stats_from_training_data(model, config, mesh, num_batches: int, statistics_fn):
-  """Latent statistics over `num_batches` training batches drawn from a separate iterator
-  (seeded apart from the run's own, whose position must not move)."""
-  from psvae_jax import data as data_lib
-  from psvae_jax import sharding
-
-  iterator = data_lib.make_train_iterator(
-      config.data, global_batch_size=config.batch_size, seed=config.seed + 1,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  try:
-    batches = (sharding.host_local_to_global({"image": next(iterator)["image"]}, mesh)["image"]
-               for _ in range(num_batches))
-    return statistics_fn(model, batches, config.model)
-  finally:
-    close = getattr(iterator, "close", None)
-    if close is not None:
-      close()

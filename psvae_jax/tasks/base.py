@@ -107,9 +107,11 @@ class Task:
     """Analytic training FLOPs per example (forward + backward), for TFLOP/s and MFU."""
     return 0.0
 
-  def finalize(self, model: nnx.Module, mesh) -> None:
+  def finalize(self, model: nnx.Module, training_batches) -> None:
     """Called once after the last step, before the final checkpoint (e.g. to compute latent
-    statistics that `checkpoint_extras` then saves)."""
+    statistics that `checkpoint_extras` then saves). `training_batches(n)` yields n global
+    training batches (the task's prepared fields, sharded on the run's mesh) from an iterator
+    seeded apart from the run's own, whose position does not move."""
 
   def checkpoint_extras(self, model: nnx.Module) -> dict[str, Any]:
     """JSON-serialisable extras saved with each checkpoint (e.g. latent statistics)."""
