@@ -152,10 +152,18 @@ def with_parent_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
     return config
   stored = run_config(config.init)
   _check_parent_task(parent, stored, config.init)
+  return inherit_parent_sections(config, stored)
+
+
+def inherit_parent_sections(config: ml_collections.ConfigDict,
+                            parent_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the sections its task's `parent.inherit` names copied from `parent_config`
+  (the parent run's stored config), the `local` keys kept; locked as `config` was."""
+  parent = task_class(config.task).parent
   locked = config.is_locked
   config = ml_collections.ConfigDict(config.to_dict())
   for ours, theirs in parent.inherit.items():
-    section = ml_collections.ConfigDict(_get(stored, theirs).to_dict())
+    section = ml_collections.ConfigDict(_get(parent_config, theirs).to_dict())
     local = _get(config, ours)
     for key in parent.local:
       if key in local:

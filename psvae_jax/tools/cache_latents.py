@@ -76,7 +76,7 @@ def t2i_config_for_psvae(psvae_config, *, text_encoder: str, text_encoder_init: 
     config.init = psvae_dir
     config.data.image_size = int(psvae_config.data.image_size)
     config.optim.ema_decay = 0.0
-  return runs.with_parent_config(config)  # the autoencoder section is the PS-VAE run's
+  return runs.inherit_parent_sections(config, psvae_config)  # the PS-VAE run's autoencoder
 
 
 def load_frozen_model(workdir: str, *, mesh, text_encoder: str = "qwen2.5-0.5b",
