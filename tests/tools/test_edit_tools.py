@@ -13,7 +13,8 @@ from psvae_jax.data import synthetic
 from psvae_jax.tools import edit as edit_tool
 from psvae_jax.tools import eval_edit, gedit
 
-from test_edit import tiny_edit_config, write_run
+from helpers.configs import tiny_edit_config
+from helpers.runs import write_run
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from PIL import Image
 from psvae_jax.tools import sample_bench
 from psvae_jax.tools.restore_run import default_mesh
 
-from t2i_run import write_t2i_run
+from helpers.runs import write_t2i_run
 
 ONE = default_mesh(jax.devices()[:1])
 
