@@ -27,7 +27,7 @@ _FROM_SVAE = {"encoder": "encoder", "teacher": "encoder", "svae": "svae",
 
 
 class PSVAETask(AutoencoderTask):
-  """PS-VAE (PAPER.md stage 2)."""
+  """PS-VAE (docs/method.md#stage-2-ps-vae)."""
 
   stage = "psvae"
   frozen_params = r"^(teacher|lpips)\."
