@@ -37,8 +37,8 @@ OmniEdit, 1.2M pairs, written as ArrayRecord shards once):
       --config.data.source='arrayrecord:/data/omniedit/train-*.array_record'
   python -m psvae_jax.tools.gedit --workdir=gs://BUCKET/edit --bench=/data/GEdit-Bench \
       --out=/tmp/gedit_edit
-Expected (paper, PS-VAE 96c): EditReward 0.222 on the 8 GEdit-Bench subtasks (scored outside
-this project from the --out layout). config.model must equal the T2I run's (checked at init).
+Expected (paper, PS-VAE 96c): EditReward 0.222 on the 8 GEdit-Bench subtasks (the images of
+--subtasks=paper, scored outside this project from the --out layout). config.model must equal the T2I run's (checked at init).
 
 Presets: '' (paper base), 'large' (~1.7B generator), 'smoke' (CPU), 'toy' (CPU, measured).
 """
