@@ -1,6 +1,6 @@
-"""Instruction-based image editing (PAPER.md "Editing"): the T2I MMDiT continues training with the
-clean source image's latent tokens concatenated to the noisy target tokens in its image stream
-and the instruction as its text (psvae_jax/tasks/edit.py), initialised from a T2I run.
+"""Instruction-based image editing (docs/method.md#editing): the T2I MMDiT continues training
+with the clean source image's latent tokens concatenated to the noisy target tokens in its image
+stream and the instruction as its text (psvae_jax/tasks/edit.py), initialised from a T2I run.
 
 Smoke (CPU, a few minutes; chain S-VAE -> PS-VAE -> T2I -> edit, each smoke preset; the flow
 loss falls and WORKDIR/samples/samples_<step>.png holds (source | edited | target) strips):
@@ -25,11 +25,8 @@ or on its own from a finished toy T2I run:
 Expected (target: recolour success >= 0.7). Measured on this preset after its 12000 steps from
 the 8000-step toy T2I run of configs/t2i.py:toy (no DDT head; 20 held-out edits per kind, cfg 3 /
 image cfg 1.5): recolour 1.00, add 0.85, remove 0.95, move 0.85 (all 0.91); the unedited source
-and the reconstruction 0 for every kind. Mid-schedule checkpoints of the same run: 4500 steps
-all 0.72 (recolour 0.60), 6000 steps all 0.80 (recolour 0.90). From an earlier 9500-step toy T2I
-whose generator had the DDT head: recolour 0.95, all 0.88. With the T2I's training shift 2
-instead of 6 that earlier run reached recolour 0.05, remove 0.60 (all 0.21): it copied the
-source but ignored the colour.
+and the reconstruction 0 for every kind. The runs behind the toy settings:
+docs/method.md#the-toy-chain.
 
 Paper scale (T2I settings: batch 730, lr 1e-4, EMA 0.9999; 50k steps from the T2I checkpoint;
 OmniEdit, 1.2M pairs, written as ArrayRecord shards once):
@@ -40,9 +37,9 @@ OmniEdit, 1.2M pairs, written as ArrayRecord shards once):
       --config.data.source='arrayrecord:/data/omniedit/train-*.array_record'
   python -m psvae_jax.tools.gedit --workdir=gs://BUCKET/edit --bench=/data/GEdit-Bench \
       --out=/tmp/gedit_edit
-Expected (paper, PS-VAE 96c): EditReward 0.222 on the 8 GEdit-Bench subtasks (scored outside
-this project from the --out layout). config.model must equal the T2I run's (checked at init;
-model.autoencoder is read from the T2I run's stored config).
+Expected (paper, PS-VAE 96c): EditReward 0.222 on the 8 GEdit-Bench subtasks (the images of
+--subtasks=paper, scored outside this project from the --out layout). config.model must equal
+the T2I run's (checked at init; model.autoencoder is read from the T2I run's stored config).
 
 Presets: '' (paper base), 'large' (~1.7B generator), 'smoke' (CPU), 'toy' (CPU, measured).
 """
@@ -107,9 +104,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # no DDT head, trained at shift 2) continues on the edit world.
     _synthetic_edits(c)
     c.batch_size = 16
-    # 12000 steps: the t = 0.9 eval loss (the step that needs the source most) still fell from
-    # 0.20 at 4500 to 0.12 at 12000, and remove success rose from 0.15 to 0.60 (about 80 min
-    # at 2.4-2.6 step/s on 2 cores).
+    # 12000 steps: the t = 0.9 eval loss (where the source matters most) and the remove success
+    # still improve until then (docs/method.md#the-toy-chain).
     c.total_steps = 12000
     c.optim.lr = 2e-3
     c.optim.schedule = "cosine"
@@ -118,20 +114,17 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.log_every = 100
     c.eval_every = 1500
     c.checkpoint_every = 1500
-    # Per-cell codes shared by target and source tokens: at 500 steps the t = 0.9 eval loss is
-    # 0.70 with them and 0.81 without (source embedding std 0.5 instead of 0.02: no change).
+    # Per-cell codes shared by target and source tokens: they lower the t = 0.9 eval loss.
     c.model.edit_position_std = 0.5
     c.eval_batches = 2
     c.flow.sample_steps = 20
     c.flow.cfg_scale = 3.0  # 6.5 over-guides this small model (edits lose the source)
     # Training time shift 6 (the toy T2I's 2 leaves 7% of the steps at t > 0.9): the colour a
     # recolour applies is only decided near pure noise; below t = 0.9 the noisy target already
-    # shows it. At shift 2, after 12000 steps, swapping the instruction's colour moved the t = 1
-    # prediction in the edited cells by 0.1 of the source-target distance and recolour success
-    # was 0.05; at shift 6 it is 0.95.
+    # shows it. At shift 2 the edits copy the source and ignore the colour.
     c.flow.shift = 6.0
     # The tiny text encoder is random (no pretrained one of that size): frozen, its states of
-    # different colour words have cosine > 0.9 and the generator changed colours at random
-    # (recolour success 0.3 after 6000 steps); trained with the generator it learns them.
+    # different colour words are nearly parallel and the generator changes colours at random;
+    # trained with the generator it learns them.
     c.model.train_text_encoder = True
   return c.lock()

@@ -1,5 +1,6 @@
-"""Text-to-image (issue 5): an MMDiT generator (DDT head) trained with rectified flow on the
-normalised PS-VAE latent, conditioned on a frozen Qwen2 text encoder's last hidden state.
+"""Text-to-image (docs/method.md#text-to-image-generator): an MMDiT generator (DDT head)
+trained with rectified flow on the normalised PS-VAE latent, conditioned on a frozen Qwen2 text
+encoder's last hidden state.
 
 Smoke (CPU, a few minutes; chain S-VAE -> PS-VAE -> T2I, each smoke preset; the flow loss
 falls and WORKDIR/samples/samples_<step>.png holds the decoded sample grid):
@@ -158,12 +159,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
       c.model.generator = "small"
       c.model.patch_size = 2
       c.batch_size = 16
-      # No DDT head: with it (the paper's default) the same recipe scored 0.82 / 0.86 (two
-      # sampling seeds) after 9500 steps at 5.5 step/s; without it 0.96 / 0.95 after 9500,
-      # 0.91 / 0.91 after 8000 and 0.75 / 0.78 after 6000, at about 6.5 step/s.
+      # No DDT head (the paper's default has one): on this world it scores lower and trains
+      # slower (docs/method.md#the-toy-chain).
       c.model.ddt_head = False
-      # Cosine decay from 2e-3: 0.72 after 6000 steps at shift 3 (with the DDT head), where a
-      # constant 1e-3 had 0.68 at 6500 and needed 10000 steps for 0.86.
+      # Cosine decay from 2e-3: reaches a constant 1e-3's score in fewer steps.
       c.total_steps = 8000
       c.optim.lr = 2e-3
       c.optim.schedule = "cosine"

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 def base_config(task: str) -> ml_collections.ConfigDict:
-  """Shared keys (DESIGN.md section 6) with their defaults."""
+  """Shared keys (docs/method.md#stable-interfaces) with their defaults."""
   c = ml_collections.ConfigDict()
   c.task = task
   c.seed = 0

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conftest import tiny_svae_config
+from helpers.configs import tiny_svae_config
 from psvae_jax import train as train_lib
 from psvae_jax.tasks.base import Task
 

@@ -15,106 +15,23 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 from psvae_jax import checkpoint as ckpt_lib
-from psvae_jax import config_base
 from psvae_jax import train as train_lib
-from psvae_jax.config_loader import set_by_path
 from psvae_jax.data import make_train_iterator
-from psvae_jax.tasks.base import Task
+
+from helpers.checkpoints import assert_same_checkpoint, restore_all
+from helpers.toy_task import ToyTask, toy_config
 
 pytestmark = pytest.mark.reliability
-
-
-# --- a toy task and its config ----------------------------------------------------------------
-
-class ToyTask(Task):
-  """A linear map from pixels to 4 numbers; config.loss.nan_at_step injects a non-finite value."""
-
-  def build_model(self, rngs):
-    return nnx.Linear(32 * 32 * 3, 4, rngs=rngs)
-
-  def prepare_batch(self, batch):
-    return {"image": batch["image"]}
-
-  def loss(self, model, batch, rng, step):
-    x = batch["image"].reshape(batch["image"].shape[0], -1).astype(jnp.float32) / 255.0
-    y = model(x)
-    target = 0.5 + 0.01 * jax.random.normal(rng, y.shape)  # uses the step's RNG
-    loss = jnp.mean((y - target) ** 2)
-    at = step == self.config.loss.nan_at_step
-    if self.config.loss.nan_in == "loss":
-      loss = loss + jnp.where(at, jnp.nan, 0.0)
-    else:  # a finite loss whose gradient is NaN: d sqrt(u) / du at u = 0 (inf), times 0
-      u = jnp.where(at, jnp.sum(model.kernel.get_value()) * 0.0, 1.0)
-      loss = loss + jnp.where(at, jnp.sqrt(u), 0.0)
-    return loss, {}
-
-
-def toy_config(**overrides) -> ml_collections.ConfigDict:
-  c = config_base.base_config("toy")
-  c.loss = ml_collections.ConfigDict({"nan_at_step": -1, "nan_in": "loss"})
-  c.data.source = "synthetic:shapes"
-  c.data.image_size = 32
-  c.data.synthetic_size = 64
-  c.data.eval_size = 8
-  c.data.read_threads = 1
-  c.data.prefetch = 0
-  c.batch_size = 8
-  c.total_steps = 4
-  c.log_every = 1
-  c.eval_every = 0
-  c.eval_batches = 1
-  c.checkpoint_every = 2
-  c.optim.lr = 1e-2
-  c.optim.ema_decay = 0.5
-  c.logging.tensorboard = False
-  c.logging.peak_flops_per_device = 1e12
-  for key, value in overrides.items():
-    set_by_path(c, key, value)
-  return c.lock()
 
 
 @pytest.fixture
 def toy(monkeypatch):
   monkeypatch.setattr(train_lib, "get_task", ToyTask)
   return toy_config
-
-
-def _restore_all(workdir, step=None):
-  """Every stored array of a run's checkpoint as numpy, keyed by item and path, plus the data
-  position; restored without a model (targets built from the stored metadata)."""
-  import orbax.checkpoint as ocp
-  directory = ckpt_lib.checkpoint_dir(workdir)
-  reader = ckpt_lib.Checkpointer(directory, create=False, async_save=False)
-  step = reader.latest_step() if step is None else step
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  out = {}
-  for item in ("state", "ema"):
-    path = os.path.join(directory, str(step), item)
-    meta = ocp.StandardCheckpointer().metadata(path).item_metadata
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-    tree = ocp.StandardCheckpointer().restore(path, target)
-    for key, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      out[f"{item}/{jax.tree_util.keystr(key)}"] = np.asarray(leaf)
-  data = glob.glob(os.path.join(directory, str(step), "data", "*.json"))
-  with open(data[0]) as f:
-    out["data"] = f.read()
-  reader.close()
-  return step, out
-
-
-def assert_same_checkpoint(a, b):
-  assert a.keys() == b.keys()
-  for key in a:
-    if key == "data":
-      assert a[key] == b[key], "data iterator positions differ"
-    else:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 # --- damaging a step -------------------------------------------------------------------------
@@ -346,8 +263,8 @@ def test_run_resumes_past_a_damaged_step_and_ends_identical(tmp_path, toy, caplo
     summary = train_lib.train(toy(), resumed)
   assert summary["source"] == "workdir step 2" and summary["final_step"] == 4
   assert "checkpoint step 4" in caplog.text and "has 7 bytes" in caplog.text
-  step_a, a = _restore_all(straight)
-  step_b, b = _restore_all(resumed)
+  step_a, a = restore_all(straight)
+  step_b, b = restore_all(resumed)
   assert step_a == step_b == 4
   assert_same_checkpoint(a, b)
 
@@ -379,7 +296,7 @@ def test_nonfinite_step_raises_naming_it_and_is_never_checkpointed(tmp_path, toy
     train_lib.train(config, workdir)
   reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False)
   assert reader.all_steps() == [1, 2, 3]  # step 3's update (the 4th) was never saved
-  _, arrays = _restore_all(workdir)
+  _, arrays = restore_all(workdir)
   assert all(np.isfinite(v).all() for k, v in arrays.items() if k != "data")
 
 
@@ -391,6 +308,6 @@ def test_nonfinite_step_is_skipped_when_configured(tmp_path, toy):
   workdir = str(tmp_path / "run")
   summary = train_lib.train(config, workdir)
   assert summary["final_step"] == 4 and summary["last_metrics"]["skipped_steps"] == 1
-  _, arrays = _restore_all(workdir)
+  _, arrays = restore_all(workdir)
   assert int(arrays["state/['skipped']"]) == 1
   assert all(np.isfinite(v).all() for k, v in arrays.items() if k != "data")

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from test_reliability_checkpoint import _restore_all, assert_same_checkpoint
+from helpers.checkpoints import assert_same_checkpoint, restore_all
 
 pytestmark = pytest.mark.reliability
 
@@ -74,7 +74,7 @@ if sys.argv[1] == "--toy":
   sys.path.insert(0, os.environ["PSVAE_TESTS_DIR"])
   import json
   from psvae_jax import train
-  from test_reliability_checkpoint import ToyTask, toy_config
+  from helpers.toy_task import ToyTask, toy_config
   train.get_task = ToyTask
   train.train(toy_config(**json.loads(sys.argv[3])), sys.argv[2])
 else:
@@ -182,7 +182,7 @@ def _check_resume(kind, tmp_path, moment, reference, cache, seed=0):
     assert f"({expected_source})" in log, (where, left, log[-3000:])
   if any(".orbax-checkpoint-tmp" in name for name in left):
     assert "was never finalized" in log
-  step, final = _restore_all(workdir)
+  step, final = restore_all(workdir)
   assert step == TOTAL_STEPS
   assert_same_checkpoint(final, reference)
   print(f"killed {where}; left {left}; resumed from {expected_source}")  # shown with -s
@@ -194,7 +194,7 @@ def main_reference(tmp_path_factory):
   cache = str(root / "xla_cache")
   workdir = str(root / "straight")
   _run("main", workdir, cache)
-  return _restore_all(workdir)[1], cache
+  return restore_all(workdir)[1], cache
 
 
 @pytest.mark.reliability(
@@ -203,11 +203,11 @@ def main_reference(tmp_path_factory):
 def test_sigkill_before_rename_resumes_identical(tmp_path, monkeypatch):
   """Fast variant (toy task): killed while step 4's checkpoint waits to be renamed."""
   from psvae_jax import train as train_lib
-  from test_reliability_checkpoint import ToyTask, toy_config
+  from helpers.toy_task import ToyTask, toy_config
   monkeypatch.setattr(train_lib, "get_task", ToyTask)
   straight = str(tmp_path / "straight")
   train_lib.train(toy_config(**TOY_OVERRIDES), straight)
-  _check_resume("toy", tmp_path, "before_rename", _restore_all(straight)[1], cache="")
+  _check_resume("toy", tmp_path, "before_rename", restore_all(straight)[1], cache="")
 
 
 @pytest.mark.reliability(

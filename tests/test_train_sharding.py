@@ -32,7 +32,7 @@ def _run_steps(config, devices, mesh_config, batch, steps):
 
 @pytest.fixture(scope="module")
 def single_device_run():
-  from conftest import tiny_svae_config
+  from helpers.configs import tiny_svae_config
   # A large Adam epsilon: with the default 1e-8, gradient entries that are pure rounding noise
   # (~1e-9) become full +-lr updates and make parameter comparisons meaningless.
   config = tiny_svae_config(**{"optim.eps": 1e-3})

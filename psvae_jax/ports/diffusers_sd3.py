@@ -2,9 +2,9 @@
 
 `load_sd3(path, config, tensors, dtype=...)` builds the MMDiT for the diffusers config and fills
 it strictly (every tensor used, every parameter set, shapes checked). The returned module obeys
-DESIGN.md section 6: `module(hidden_states, encoder_hidden_states, pooled_projections, timestep)`
-with NHWC latents and diffusers' timestep convention (t * 1000) returns diffusers' `.sample` in
-NHWC.
+docs/method.md#stable-interfaces: `module(hidden_states, encoder_hidden_states,
+pooled_projections, timestep)` with NHWC latents and diffusers' timestep convention (t * 1000)
+returns diffusers' `.sample` in NHWC.
 
 Supported config options: patch_size, sample_size, pos_embed_max_size (also None), qk_norm
 (None or 'rms_norm'), dual_attention_layers (SD3.5), caption_projection_dim (must equal

@@ -1,6 +1,6 @@
-"""Instruction-based image editing (PAPER.md "Editing"): the T2I generator, initialised from a T2I
-run, learns to produce the target image's latent given the source image's latent and an
-instruction.
+"""Instruction-based image editing (docs/method.md#editing): the T2I generator, initialised
+from a T2I run, learns to produce the target image's latent given the source image's latent and
+an instruction.
 
 Sequence concatenation (not channel concatenation): the image stream of the MMDiT holds
   [noisy target latent tokens (x_t), clean source latent tokens]
@@ -31,7 +31,7 @@ Initialisation (`config.init` = the T2I run's workdir): the generator from the r
 the text encoder, the PS-VAE encoder / E_s / pixel decoder and the latent statistics from its
 (frozen) parameters, config.model.autoencoder from its stored config; the rest of config.model
 must describe the same model (checked, differences named).
-The text encoder stays frozen (PAPER.md: a pretrained Qwen2.5) unless
+The text encoder stays frozen (docs/method.md: a pretrained Qwen2.5) unless
 config.model.train_text_encoder, which trains it with the generator (toy runs, whose tiny text
 encoder is random: frozen, its states hardly tell the colour words apart).
 Without a source image (`generate` on a caption batch) the edit model samples text-to-image.

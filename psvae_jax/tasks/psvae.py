@@ -18,7 +18,7 @@ from psvae_jax.tasks.base import ParentRun
 
 
 class PSVAETask(AutoencoderTask):
-  """PS-VAE (PAPER.md stage 2)."""
+  """PS-VAE (docs/method.md#stage-2-ps-vae)."""
 
   stage = "psvae"
   frozen_params = r"^(teacher|lpips)\."

@@ -14,7 +14,7 @@ from psvae_jax.tasks.autoencoder import AutoencoderTask
 
 
 class SVAETask(AutoencoderTask):
-  """S-VAE (PAPER.md stage 1)."""
+  """S-VAE (docs/method.md#stage-1-s-vae)."""
 
   stage = "svae"
   frozen_params = r"^(encoder|lpips)\."

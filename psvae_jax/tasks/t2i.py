@@ -11,7 +11,7 @@ Data -> latent and text condition:
   text = text_encoder(input_ids, attention_mask)          last hidden state (B, L, D), or cached
                                                           batch['text_states'] / ['text_mask']
   pooled = masked mean of text over real tokens
-Loss (rectified flow, PAPER.md): t ~ sigmoid(N(0, 1)) shifted by s = sqrt(C P^2 / 16) (or
+Loss (docs/method.md#rectified-flow): t ~ sigmoid(N(0, 1)) shifted by s = sqrt(C P^2 / 16) (or
 config.flow.shift), x_t = (1 - t) x0 + t eps, v = eps - x0, MSE over latent elements. With
 probability config.flow.caption_dropout a caption is replaced by the empty caption '' (which
 tokenises to the end-of-text token alone, see psvae_jax/tokenizers.py): its text states come
@@ -244,7 +244,7 @@ def _host_value(variable) -> np.ndarray:
 # --- the task ------------------------------------------------------------------------------
 
 class T2ITask(Task):
-  """Text-to-image generator training (PAPER.md: generator for text-to-image)."""
+  """Text-to-image generator training (docs/method.md#text-to-image-generator)."""
 
   frozen_params = r"^(text_encoder|encoder|svae|pixel_decoder|latent_norm)\."
   # The PS-VAE run gives its model section (config.model.autoencoder), its encoder, E_s (its

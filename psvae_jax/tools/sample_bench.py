@@ -11,7 +11,7 @@ The prompt files come with the benchmarks (GenEval: prompts/evaluation_metadata.
 object with at least 'prompt' per line; DPG-Bench: a directory of NAME.txt files, one prompt
 each); the scores come from their own scripts (GenEval: evaluation/evaluate_images.py then
 summary_scores.py; DPG-Bench: compute_dpg_bench.py with --resolution=<image size> and
---pic_num=<samples per prompt>). Layouts written:
+--pic-num=<samples per prompt>). Layouts written:
   geneval  DIR/<index:05d>/metadata.jsonl   the prompt's metadata line (one JSON object)
            DIR/<index:05d>/samples/<k:04d>.png   samples_per_prompt images
            DIR/<index:05d>/grid.png         the samples side by side
@@ -22,7 +22,8 @@ Images come from the run's EMA generator with its sampler settings (config.flow;
 at the run's image size. Prompts are sampled in fixed groups (as many whole prompts as fill a
 batch) and group g draws its noise from fold_in(seed, g), so an interrupted run restarted with
 the same flags skips the finished groups and draws the same images for the rest. A summary
-(settings, counts, the scoring command) goes to DIR/sample_bench.json.
+(settings, counts, the scoring command) goes to DIR/sample_bench.json (compute_dpg_bench.py
+tries every file of its folder and reports this one as a failed file name; it scores the rest).
 """
 from __future__ import annotations
 
@@ -129,9 +130,13 @@ def dpg_grid(images: np.ndarray) -> np.ndarray:
 
 
 def _save_png(array: np.ndarray, path: str) -> None:
-  tmp = path + ".tmp"
+  # A crash never leaves a truncated PNG that a re-run would keep; the hidden temporary name
+  # is matched by neither scorer (GenEval: r"\d+\.png" at the name's start; DPG-Bench keys a
+  # file by the name before its first dot).
+  directory, name = os.path.split(path)
+  tmp = os.path.join(directory, f".{name}.{os.getpid()}.partial")
   Image.fromarray(array).save(tmp, format="PNG")
-  os.replace(tmp, path)  # a crash never leaves a truncated PNG that a re-run would keep
+  os.replace(tmp, path)
 
 
 def _write_geneval(out: str, name: str, metadata: dict, images: np.ndarray) -> None:

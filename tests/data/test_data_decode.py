@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_fixtures import png_with_header_size
+from helpers.images import png_with_header_size
 from psvae_jax.data.decode import decode_image, decode_text, encode_image
 from psvae_jax.data.errors import BadImage, BadRecord
 from psvae_jax.data.preprocess import prepare_example, resize_center_crop

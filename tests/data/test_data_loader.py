@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from data_fixtures import png_with_header_size
+from helpers.images import png_with_header_size
 
 from psvae_jax.data import DataError, loader, make_eval_batches, make_train_iterator
 from psvae_jax.data.decode import encode_image

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_fixtures import png_with_header_size
+from helpers.images import png_with_header_size
 from psvae_jax.data import DataError, make_train_iterator
 from psvae_jax.data.decode import encode_image
 from psvae_jax.data.errors import MIN_RECORDS_FOR_BAD_CHECK

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from conftest import tiny_svae_config
+from helpers.configs import tiny_svae_config
 from psvae_jax import sharding, train
 from psvae_jax import train_state as ts
 from psvae_jax.config_loader import load_config

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_reference import (edit_safetensors, jitted, pixels, quiet_transformers, save,
+from helpers.hf_reference import (edit_safetensors, jitted, pixels, quiet_transformers, save,
                           sharded_forward, torch_vision)
 
 from psvae_jax.models.encoders import preprocess_pixels, rae_features

@@ -4,7 +4,7 @@ and the forward sharded over 8 simulated devices."""
 import numpy as np
 import pytest
 import torch
-from hf_reference import jitted, quiet_transformers, save, sharded_forward
+from helpers.hf_reference import jitted, quiet_transformers, save, sharded_forward
 
 from psvae_jax.ports import hf
 

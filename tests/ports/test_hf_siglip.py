@@ -3,7 +3,7 @@ SiglipVisionModel checkpoint, at the native resolution and an interpolated one."
 import numpy as np
 import pytest
 import torch
-from hf_reference import edit_safetensors, jitted, pixels, quiet_transformers, save, torch_vision
+from helpers.hf_reference import edit_safetensors, jitted, pixels, quiet_transformers, save, torch_vision
 
 from psvae_jax.models.encoders import SIGLIP_MEAN
 from psvae_jax.ports import hf

@@ -14,7 +14,7 @@ from psvae_jax.tasks import get_task
 from psvae_jax.tools import cache_latents
 from psvae_jax.runs import default_mesh, load_run_model
 
-from t2i_run import write_run, write_t2i_run
+from helpers.runs import write_run, write_t2i_run
 
 ONE = jax.devices()[:1]
 

@@ -13,8 +13,7 @@ from psvae_jax.models.encoders import EncoderConfig, VisionEncoder
 from psvae_jax.ports import converted, hf
 from psvae_jax.ports.common import WeightLoadError
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "ports"))
-from hf_reference import jitted, pixels, quiet_transformers, save  # noqa: E402
+from helpers.hf_reference import jitted, pixels, quiet_transformers, save
 
 quiet_transformers()
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))

@@ -13,7 +13,8 @@ from psvae_jax.data import synthetic
 from psvae_jax.tools import edit as edit_tool
 from psvae_jax.tools import eval_edit, gedit
 
-from test_edit import tiny_edit_config, write_run
+from helpers.configs import tiny_edit_config
+from helpers.runs import write_run
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_flags_parse():
   values = flags.FlagValues()
   gedit.define_flags(values)
   values(["gedit", "--workdir=W", "--bench=B", "--out=O", "--languages=en"])
-  assert values.subtasks == "paper" and values.languages == ["en"]
+  assert values.subtasks == "all" and values.languages == ["en"]
   assert gedit.select_subtasks("paper") == gedit.PAPER_SUBTASKS and len(gedit.PAPER_SUBTASKS) == 8
   with pytest.raises(edit_tool.InputError, match="unknown task types \\['bogus'\\]"):
     gedit.select_subtasks("color_alter,bogus")
@@ -87,19 +88,25 @@ def test_gedit_layout(edit_run, tmp_path):
   bench.mkdir(parents=True)
   pq.write_table(table, bench / "train-00000-of-00001.parquet")
   out = tmp_path / "gedit_out"
-  summary = gedit.run_gedit(edit_run, str(bench.parent), str(out), num_steps=1, batch_size=1)
+  summary = gedit.run_gedit(edit_run, str(bench.parent), str(out), subtasks="paper",
+                            num_steps=1, batch_size=1)
   # The paper's 8 subtasks: text_change and motion_change are left out.
   assert summary["records"] == summary["edited"] == 2
   assert Image.open(out / "fullset" / "color_alter" / "en" / "k1.png").size == (48, 32)
+  # Beside each edit, the source image the scorer opens with it: the record's input_image.
+  source = Image.open(out / "fullset" / "color_alter" / "en" / "k1_SRCIMG.png")
+  np.testing.assert_array_equal(np.asarray(source), np.asarray(Image.open(io.BytesIO(
+      _png((48, 32))))))
   assert Image.open(out / "fullset" / "subject-add" / "cn" / "k2.png").size == (32, 32)
   assert sorted(p.name for p in (out / "fullset").iterdir()) == ["color_alter", "subject-add"]
   assert json.loads((out / "gedit_summary.json").read_text())["per_subtask"] == {
       "color_alter/en": 1, "subject-add/cn": 1}
-  # A rerun keeps finished outputs.
-  again = gedit.run_gedit(edit_run, str(bench.parent), str(out), subtasks="all",
-                          languages=["en"], num_steps=1, batch_size=1)
+  # A rerun keeps finished outputs; by default it covers all 11 task types.
+  again = gedit.run_gedit(edit_run, str(bench.parent), str(out), languages=["en"],
+                          num_steps=1, batch_size=1)
   assert again["records"] == 2 and again["edited"] == 1 and again["kept_existing"] == 1
   assert (out / "fullset" / "text_change" / "en" / "k3.png").is_file()
+  assert (out / "fullset" / "text_change" / "en" / "k3_SRCIMG.png").is_file()
 
 
 def test_gedit_json_copies(tmp_path):

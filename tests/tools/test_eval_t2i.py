@@ -12,7 +12,7 @@ from psvae_jax.data import synthetic
 from psvae_jax.tools import eval_t2i
 from psvae_jax.runs import run_config
 
-from t2i_run import STEP, write_t2i_run
+from helpers.runs import STEP, write_t2i_run
 
 
 @pytest.fixture(scope="module")

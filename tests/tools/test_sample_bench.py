@@ -2,6 +2,7 @@
 skip finished prompts, and named errors for bad prompt files."""
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 from psvae_jax.tools import sample_bench
 from psvae_jax.runs import default_mesh
 
-from t2i_run import write_t2i_run
+from helpers.runs import write_t2i_run
 
 ONE = default_mesh(jax.devices()[:1])
 
@@ -85,3 +86,24 @@ def test_bad_prompt_files(tmp_path):
   with pytest.raises(ValueError, match="at most 4 images"):
     sample_bench.sample_bench("unused", "dpg", str(tmp_path), str(tmp_path / "o"),
                               samples_per_prompt=5)
+
+
+def test_an_interrupted_write_leaves_nothing_the_scorers_read(tmp_path, monkeypatch):
+  """GenEval scores the files of samples/ whose names start with r'\\d+\\.png'; DPG-Bench every
+  file of its folder, keyed by the name before the first dot: a half-written sample must match
+  neither."""
+  def half_then_fail(self, path, format):  # pylint: disable=redefined-builtin
+    with open(path, "wb") as f:
+      f.write(b"\x89PNG\r\n")
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(Image.Image, "save", half_then_fail)
+  samples = tmp_path / "00000" / "samples"
+  samples.mkdir(parents=True)
+  with pytest.raises(KeyboardInterrupt):
+    sample_bench._save_png(np.zeros((4, 4, 3), np.uint8), str(samples / "0000.png"))
+  with pytest.raises(KeyboardInterrupt):
+    sample_bench._save_png(np.zeros((4, 4, 3), np.uint8), str(tmp_path / "prompt_1.png"))
+  left = os.listdir(samples)
+  assert left and not any(re.match(r"\d+\.png", name) for name in left)
+  assert all(name.split(".")[0] in ("", "00000") for name in os.listdir(tmp_path))

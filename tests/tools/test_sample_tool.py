@@ -12,7 +12,7 @@ from PIL import Image
 from psvae_jax.tools import sample
 from psvae_jax.runs import default_mesh
 
-from t2i_run import STEP, write_run, write_t2i_run
+from helpers.runs import STEP, write_run, write_t2i_run
 
 ONE = default_mesh(jax.devices()[:1])
 
@@ -76,7 +76,7 @@ def test_prompts_file(t2i_run, tmp_path):
 
 
 def test_edit_run_samples_text_to_image(tmp_path):
-  from test_edit import tiny_edit_config
+  from helpers.configs import tiny_edit_config
 
   workdir = str(tmp_path / "edit_run")
   write_run(workdir, tiny_edit_config())

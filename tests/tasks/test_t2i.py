@@ -17,7 +17,7 @@ from psvae_jax.tasks import get_task
 from psvae_jax.tasks import t2i
 from psvae_jax.tokenizers import ByteTokenizer, build_tokenizer, tokenize
 
-from conftest import shrink_generator_config, tiny_svae_config
+from helpers.configs import shrink_generator_config, tiny_svae_config
 
 ONE_DEVICE = jax.devices()[:1]  # compiles on 1 device are the cheapest; sharding is tested apart
 LATENT_STATS = {"mean": [0.1 * i for i in range(8)], "std": [0.5 + 0.1 * i for i in range(8)],

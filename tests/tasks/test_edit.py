@@ -8,65 +8,27 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import runs, sharding
 from psvae_jax import train as train_lib
 from psvae_jax import train_state as ts
-from psvae_jax.config_base import ConfigError, to_json
-from psvae_jax.config_loader import load_config, set_by_path
+from psvae_jax.config_base import ConfigError
+from psvae_jax.config_loader import load_config
 from psvae_jax.data import synthetic
 from psvae_jax.data.errors import DataError
 from psvae_jax.models import mmdit
 from psvae_jax.tasks import edit, get_task
 from psvae_jax.tokenizers import tokenize
 
-from conftest import shrink_generator_config, tiny_svae_config
+from helpers.configs import tiny_edit_config, tiny_generator_config
+from helpers.runs import write_run
 
 ONE_DEVICE = jax.devices()[:1]
 
 
-def _tiny(config, **overrides):
-  """Shrinks a T2I / edit config: the tiny S-VAE test autoencoder (4x4x8 latent, 32 px
-  decoder), tiny MMDiT without DDT head, short texts, 2 steps."""
-  config = shrink_generator_config(config, tiny_svae_config().model, max_text_len=24)
-  config.model.autoencoder.pixel_decoder.num_res_blocks = 0
-  config.model.autoencoder.pixel_decoder.attn_resolutions = ()
-  for key, value in overrides.items():
-    set_by_path(config, key, value)
-  return config
-
-
-def tiny_edit_config(**overrides):
-  """configs/edit.py:smoke shrunk for tests (random init allowed)."""
-  return _tiny(load_config("configs/edit.py:smoke"), **{"model.require_init": False,
-                                                        **overrides})
-
-
 def tiny_t2i_config(**overrides):
   """configs/t2i.py:smoke with the same tiny model as `tiny_edit_config`."""
-  return _tiny(load_config("configs/t2i.py:smoke"), **{"model.require_autoencoder": False,
-                                                       **overrides})
-
-
-def write_run(workdir: str, config, *, step: int = 2, seed: int = 0) -> tuple[dict, dict]:
-  """A workdir as a finished run of `config` leaves it (state, EMA, config, latent stats),
-  written from the task's own layout with random host-side values (no training compile).
-  Returns the trainable+frozen parameters and the EMA written, as host pure dicts."""
-  task = get_task(config)
-  mesh = sharding.make_mesh({"data": 1}, ONE_DEVICE)
-  rng = np.random.default_rng(seed)
-  fill = lambda a: jax.device_put(
-      (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), a.sharding)
-  with jax.set_mesh(mesh):
-    layout = ts.make_train_setup(task, config, mesh)
-    state = jax.tree.map(fill, layout.abstract_state)
-    ema = jax.tree.map(fill, layout.abstract_ema)
-    writer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)
-    writer.save(step, state=state, ema=ema, config_json=to_json(config),
-                extras={"latent_stats": {"mean": [0.0] * 8, "std": [1.0] * 8}})
-    writer.close()
-  return (jax.device_get(ts.all_params(state).to_pure_dict()),
-          jax.device_get(ema.to_pure_dict()))
+  return tiny_generator_config(load_config("configs/t2i.py:smoke"),
+                               **{"model.require_autoencoder": False, **overrides})
 
 
 def random_model(task, seed: int = 0):

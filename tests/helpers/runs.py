@@ -1,4 +1,4 @@
-"""Tiny T2I and PS-VAE runs' workdirs, written as finished runs leave them (config, state, EMA,
+"""Tiny finished runs' workdirs (T2I, edit, PS-VAE), written as finished runs leave them (config, state, EMA,
 latent statistics) from the tasks' own layouts with random host-side values: compiling a
 training step here would dominate the tool tests that only read a run."""
 import jax
@@ -41,15 +41,18 @@ def tiny_t2i_config(**overrides):
 
 def write_t2i_run(workdir: str, **overrides):
   """Writes the run's checkpoint at STEP; returns its config."""
-  return write_run(workdir, tiny_t2i_config(**overrides))
+  config = tiny_t2i_config(**overrides)
+  write_run(workdir, config)
+  return config
 
 
-def write_run(workdir: str, config):
-  """Writes a checkpoint at STEP of `config`'s task with random values and latent statistics
-  for config.model.autoencoder (T2I) or config.model (PS-VAE); returns the config."""
+def write_run(workdir: str, config, *, step: int = STEP, seed: int = 0) -> tuple[dict, dict]:
+  """Writes a checkpoint at `step` of `config`'s task with random values and latent statistics
+  for config.model.autoencoder (T2I, edit) or config.model (PS-VAE). Returns the trainable +
+  frozen parameters and the EMA written, as host pure dicts."""
   task = get_task(config)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   fill = lambda a: jax.device_put(
       (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), a.sharding)
   channels = config.model.get("autoencoder", config.model).latent_channels
@@ -60,7 +63,8 @@ def write_run(workdir: str, config):
     state = jax.tree.map(fill, layout.abstract_state)
     ema = jax.tree.map(fill, layout.abstract_ema)
     writer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)
-    writer.save(STEP, state=state, ema=ema, config_json=to_json(config),
+    writer.save(step, state=state, ema=ema, config_json=to_json(config),
                 extras={"latent_stats": stats})
     writer.close()
-  return config
+  return (jax.device_get(ts.all_params(state).to_pure_dict()),
+          jax.device_get(ema.to_pure_dict()))

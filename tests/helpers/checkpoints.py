@@ -1,0 +1,41 @@
+"""Whole checkpoints as NumPy, read without a model, and their comparison."""
+import glob
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from psvae_jax import checkpoint as ckpt_lib
+
+
+def restore_all(workdir, step=None):
+  """Every stored array of a run's checkpoint as numpy, keyed by item and path, plus the data
+  position; restored without a model (targets built from the stored metadata)."""
+  directory = ckpt_lib.checkpoint_dir(workdir)
+  reader = ckpt_lib.Checkpointer(directory, create=False, async_save=False)
+  step = reader.latest_step() if step is None else step
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  out = {}
+  for item in ("state", "ema"):
+    path = os.path.join(directory, str(step), item)
+    meta = ocp.StandardCheckpointer().metadata(path).item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    tree = ocp.StandardCheckpointer().restore(path, target)
+    for key, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      out[f"{item}/{jax.tree_util.keystr(key)}"] = np.asarray(leaf)
+  data = glob.glob(os.path.join(directory, str(step), "data", "*.json"))
+  with open(data[0]) as f:
+    out["data"] = f.read()
+  reader.close()
+  return step, out
+
+
+def assert_same_checkpoint(a, b):
+  """Two `restore_all` results hold the same arrays and the same data position."""
+  assert a.keys() == b.keys()
+  for key in a:
+    if key == "data":
+      assert a[key] == b[key], "data iterator positions differ"
+    else:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
