@@ -21,16 +21,17 @@ import pytest
 from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import train as train_lib
 from psvae_jax.data import make_train_iterator
+from psvae_jax.tasks import TASKS
 
 from helpers.checkpoints import assert_same_checkpoint, restore_all
-from helpers.toy_task import ToyTask, toy_config
+from helpers.toy_task import TOY_TASK_ENTRY, toy_config
 
 pytestmark = pytest.mark.reliability
 
 
 @pytest.fixture
 def toy(monkeypatch):
-  monkeypatch.setattr(train_lib, "get_task", ToyTask)
+  monkeypatch.setitem(TASKS, "toy", TOY_TASK_ENTRY)
   return toy_config
 
 

@@ -74,8 +74,9 @@ if sys.argv[1] == "--toy":
   sys.path.insert(0, os.environ["PSVAE_TESTS_DIR"])
   import json
   from psvae_jax import train
-  from helpers.toy_task import ToyTask, toy_config
-  train.get_task = ToyTask
+  from helpers.toy_task import TOY_TASK_ENTRY, toy_config
+  from psvae_jax.tasks import TASKS
+  TASKS["toy"] = TOY_TASK_ENTRY
   train.train(toy_config(**json.loads(sys.argv[3])), sys.argv[2])
 else:
   sys.argv = ["psvae_jax.main", *sys.argv[1:]]
@@ -203,8 +204,9 @@ def main_reference(tmp_path_factory):
 def test_sigkill_before_rename_resumes_identical(tmp_path, monkeypatch):
   """Fast variant (toy task): killed while step 4's checkpoint waits to be renamed."""
   from psvae_jax import train as train_lib
-  from helpers.toy_task import ToyTask, toy_config
-  monkeypatch.setattr(train_lib, "get_task", ToyTask)
+  from psvae_jax.tasks import TASKS
+  from helpers.toy_task import TOY_TASK_ENTRY, toy_config
+  monkeypatch.setitem(TASKS, "toy", TOY_TASK_ENTRY)
   straight = str(tmp_path / "straight")
   train_lib.train(toy_config(**TOY_OVERRIDES), straight)
   _check_resume("toy", tmp_path, "before_rename", restore_all(straight)[1], cache="")

@@ -13,7 +13,7 @@ from psvae_jax import train_state as ts
 from psvae_jax.config_base import to_json
 from psvae_jax.tasks import get_task
 
-from conftest import tiny_svae_config
+from helpers.configs import tiny_svae_config
 
 
 def _write_steps(workdir: str, config, steps) -> dict[int, dict]:

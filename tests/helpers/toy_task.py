@@ -33,6 +33,10 @@ class ToyTask(Task):
     return loss, {}
 
 
+# The entry for psvae_jax.tasks.TASKS under config.task='toy' (tests register it themselves).
+TOY_TASK_ENTRY = ("helpers.toy_task", "ToyTask")
+
+
 def toy_config(**overrides) -> ml_collections.ConfigDict:
   c = config_base.base_config("toy")
   c.loss = ml_collections.ConfigDict({"nan_at_step": -1, "nan_in": "loss"})
