@@ -91,8 +91,21 @@ def _get(config, dotted: str) -> Any:
   return value
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks values that a type system cannot; raises ConfigError naming the key."""
+# Attention implementations that cannot run on a platform: (impl, platform) -> why.
+_ATTENTION_PLATFORMS = {
+    ("splash", "cpu"): "the splash kernel is a TPU Pallas kernel; use 'xla'",
+    ("splash", "gpu"): "the splash kernel is a TPU Pallas kernel; use 'cudnn' or 'xla'",
+    ("splash", "cuda"): "the splash kernel is a TPU Pallas kernel; use 'cudnn' or 'xla'",
+    ("cudnn", "tpu"): "cuDNN is the GPU kernel; use 'splash' or 'xla'",
+}
+
+
+def validate(config: ml_collections.ConfigDict, platform: str | None = None) -> None:
+  """Checks values that a type system cannot; raises ConfigError naming the key.
+
+  platform: the platform the step is compiled for ('cpu', 'gpu', 'tpu'; the devices' platform),
+  which rules out attention implementations that cannot run there.
+  """
   for key, choices in _CHOICES.items():
     value = _get(config, key)
     if value not in choices:
@@ -105,6 +118,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{key}={_get(config, key)} must be >= 0 (0 disables)")
   if not 0.0 <= config.optim.ema_decay < 1.0:
     raise ConfigError(f"config.optim.ema_decay={config.optim.ema_decay} must be in [0, 1)")
+  why = _ATTENTION_PLATFORMS.get((config.attention_impl, platform))
+  if why:
+    raise ConfigError(f"config.attention_impl={config.attention_impl!r} cannot run on platform "
+                      f"{platform!r}: {why}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

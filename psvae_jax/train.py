@@ -243,7 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """Runs (or resumes) one stage to `config.total_steps`; returns a summary of the run."""
   from psvae_jax import data as data_lib
 
-  config_base.validate(config)
+  config_base.validate(config, platform=(devices or jax.devices())[0].platform)
   config = runs.with_parent_config(config)
   task = get_task(config)
   mesh = sharding.make_mesh(config.mesh, devices)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from psvae_jax.metrics.precision import full_precision
 from psvae_jax.models.resize import resize_bicubic
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -33,6 +34,7 @@ def dinov2_feature_fn(model: nnx.Module, *, image_size: int = 224
   `psvae_jax.ports.hf.load` (whose call returns transformers' `last_hidden_state`)."""
 
   @nnx.jit
+  @full_precision
   def features(m, images):
     return m(dinov2_inputs(images, image_size))[:, 0].astype(jnp.float32)
 

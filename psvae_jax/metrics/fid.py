@@ -147,7 +147,10 @@ def inception_feature_fn(model) -> Callable[[jax.Array], jax.Array]:
     raise ValueError("inception_feature_fn expects FIDInceptionV3(normalize_input=True)")
   from flax import nnx
 
+  from psvae_jax.metrics.precision import full_precision
+
   @nnx.jit
+  @full_precision
   def features(m, images):
     return m((images + 1.0) * 0.5)
 

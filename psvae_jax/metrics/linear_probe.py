@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from psvae_jax.metrics.precision import full_precision
+
 POOLS = ("flatten", "mean")
 
 
@@ -75,6 +77,7 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   @jax.jit
+  @full_precision
   def train(params, x, y, key):
     opt_state = optimizer.init(params)
 
@@ -95,8 +98,8 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
 
   params, final_loss = train(params, jnp.asarray(x_train), jnp.asarray(y_train),
                              jax.random.key(seed))
-  logits_test = jnp.asarray(x_test) @ params["w"] + params["b"]
-  logits_train = jnp.asarray(x_train) @ params["w"] + params["b"]
+  logits = jax.jit(full_precision(lambda x: x @ params["w"] + params["b"]))
+  logits_test, logits_train = logits(jnp.asarray(x_test)), logits(jnp.asarray(x_train))
   return {"top1": float(topk_accuracy(logits_test, jnp.asarray(y_test), 1)),
           "top5": float(topk_accuracy(logits_test, jnp.asarray(y_test), 5)),
           "train_top1": float(topk_accuracy(logits_train, jnp.asarray(y_train), 1)),

@@ -7,8 +7,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from psvae_jax.metrics.precision import full_precision
+
 
 @nnx.jit
+@full_precision
 def _lpips_batch(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
   return model(x, y)
 

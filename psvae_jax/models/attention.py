@@ -7,10 +7,14 @@ Every model calls `dot_product_attention(q, k, v, mask=..., impl=...)` with q/k/
            into chunks of at most 256 rows (faster there; exact, as query rows are independent).
   'cudnn'  `jax.nn.dot_product_attention`: the cuDNN flash kernel on GPU (which needs float16 or
            bfloat16 inputs), jax's own XLA implementation of the same function elsewhere.
-  'splash' the Pallas splash kernel on TPU; raises NotImplementedError on other backends (no
-           fallback). `splash_attention(..., interpret=True)` runs the same kernel in Pallas'
-           interpret mode on any backend (slow: for numerics tests).
+  'splash' the Pallas splash kernel (`psvae_jax.models.splash`), lowered for TPU only: the
+           platform the step is compiled for decides, not the host (no fallback).
+           `splash_attention(..., interpret=True)` runs the same kernel in Pallas' interpret
+           mode on any backend (slow: for numerics tests).
 Grouped-query attention (fewer key/value heads than query heads) is supported by all three.
+Masks are boolean arrays or an `AttentionMask` (static pattern & key validity; what splash
+needs beyond key masks). A query row that sees no key gets the mean of all values, and q/k no
+gradient through it.
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from psvae_jax.models.attention_mask import AttentionMask
+from psvae_jax.models.splash import splash_attention
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 # Most query rows one fused attention computation takes on XLA:CPU (see _xla_attention).
@@ -42,7 +49,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   Args:
     q: (batch, q_len, heads, head_dim).
     k, v: (batch, kv_len, kv_heads, head_dim); `heads` must be a multiple of `kv_heads`.
-    mask: optional boolean array broadcastable to (batch, heads, q_len, kv_len); True = attend.
+    mask: optional boolean array broadcastable to (batch, heads, q_len, kv_len), True = attend,
+      or an `AttentionMask` describing one.
     impl: one of IMPLEMENTATIONS.
     scale: logit scale, default 1/sqrt(head_dim).
   Returns:
@@ -56,6 +64,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
                      f"({k.shape[2]})")
+  if impl == "splash":
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return splash_attention(q, k, v, mask=mask, scale=scale)
+  if isinstance(mask, AttentionMask):
+    mask = mask.dense()
   if mask is not None:
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
@@ -70,8 +83,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                         implementation=implementation)
-  if impl == "splash":
-    return splash_attention(q, k, v, mask=mask, scale=scale)
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLEMENTATIONS}")
 
 
@@ -134,7 +145,7 @@ def _attend(qt, kt, vt, mask):
 
 def _attend_fwd(qt, kt, vt, mask):
   out, weights = _attend_forward(qt, kt, vt, mask)
-  return out, (qt, kt, vt, weights, out)
+  return out, (qt, kt, vt, mask, weights, out)
 
 
 def _attend_bwd(residuals, d_out):
@@ -142,54 +153,16 @@ def _attend_bwd(residuals, d_out):
   # the softmax's division instead materialises full-size broadcasts of 1/sum on XLA:CPU. Same
   # values up to rounding. (Measured only together with the split changes of the same commit:
   # 8-layer MMDiT training step 1.81-1.92 s -> 1.73-1.78 s on a 2-core CPU.)
-  qt, kt, vt, weights, out = residuals
+  qt, kt, vt, mask, weights, out = residuals
   d_v = jnp.einsum("bkqs,bkqd->bksd", weights.astype(vt.dtype), d_out)
   d_weights = jnp.einsum("bkqd,bksd->bkqs", d_out, vt, preferred_element_type=jnp.float32)
   row_dot = jnp.einsum("bkqd,bkqd->bkq", d_out.astype(jnp.float32), out.astype(jnp.float32))
   d_logits = weights * (d_weights - row_dot[..., None])
+  if mask is not None:  # masked logits are constants: no gradient (rows that see no key)
+    d_logits = jnp.where(mask, d_logits, 0.0)
   d_q = jnp.einsum("bkqs,bksd->bkqd", d_logits, kt.astype(jnp.float32)).astype(qt.dtype)
   d_k = jnp.einsum("bkqs,bkqd->bksd", d_logits, qt.astype(jnp.float32)).astype(kt.dtype)
   return d_q, d_k, d_v.astype(vt.dtype), None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
-
-
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-                     scale: float, interpret: bool = False) -> jax.Array:
-  """The 'splash' implementation (arguments as `dot_product_attention`, scale required).
-
-  interpret: run the Pallas kernel in interpret mode, which works on any backend; otherwise a
-  TPU backend is required.
-  """
-  if not interpret and jax.default_backend() != "tpu":
-    raise NotImplementedError(
-        f"attention impl 'splash' is a TPU Pallas kernel; backend is {jax.default_backend()!r}. "
-        "Use impl='xla' or 'cudnn'.")
-  if mask is not None:
-    raise NotImplementedError(
-        "attention impl 'splash' supports only unmasked (full) attention here; masked models "
-        "(e.g. padded text) need impl='xla' or 'cudnn'.")
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  batch, q_len, heads, head_dim = q.shape
-  kv_len = k.shape[1]
-  block = 128
-  q_pad, kv_pad = -q_len % block, -kv_len % block
-  # The kernel works on (heads, seq, head_dim) per example with block-multiple lengths; padded
-  # keys get their own segment id so real queries never attend to them.
-  qt = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, q_pad), (0, 0), (0, 0)))
-  kt = jnp.pad(k, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
-  vt = jnp.pad(v, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
-  groups = heads // k.shape[2]
-  kt = jnp.repeat(kt, groups, axis=2)
-  vt = jnp.repeat(vt, groups, axis=2)
-  q_seg = (jnp.arange(q_len + q_pad) >= q_len).astype(jnp.int32)
-  kv_seg = (jnp.arange(kv_len + kv_pad) >= kv_len).astype(jnp.int32)
-  segments = sk.SegmentIds(q=q_seg, kv=kv_seg)
-  full = sm.MultiHeadMask([sm.FullMask((q_len + q_pad, kv_len + kv_pad))] * heads)
-  kernel = sk.make_splash_mha(full, head_shards=1, q_seq_shards=1, interpret=interpret)
-  to_hsd = lambda x: jnp.swapaxes(x, 0, 1)  # (seq, heads, d) -> (heads, seq, d)
-  out = jax.vmap(lambda a, b, c: kernel(to_hsd(a), to_hsd(b), to_hsd(c), segment_ids=segments))(
-      qt, kt, vt)
-  return jnp.swapaxes(out, 1, 2)[:, :q_len].astype(q.dtype)

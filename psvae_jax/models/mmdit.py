@@ -55,6 +55,7 @@ from flax import nnx
 
 from psvae_jax.models import remat as remat_lib
 from psvae_jax.models.attention import dot_product_attention, unstack
+from psvae_jax.models.attention_mask import AttentionMask
 from psvae_jax.models.grad_barrier import materialize_grad
 from psvae_jax.models.ddt_head import DDTHead, DDTHeadConfig, RMSNorm
 from psvae_jax.models.vit import Mlp, PatchEmbed
@@ -235,31 +236,29 @@ def mean_pool(states: jax.Array, mask: jax.Array | None = None) -> jax.Array:
 
 def joint_attention_mask(text_len: int, image_len: int, *, text_mask: jax.Array | None = None,
                          image_key_mask: jax.Array | None = None,
-                         causal_text: bool = False) -> jax.Array | None:
-  """Boolean mask over the joint [text, image] sequence, True = attend, or None when full.
+                         causal_text: bool = False) -> AttentionMask | None:
+  """Mask over the joint [text, image] sequence, True = attend, or None when full.
 
   text_mask (batch, text_len) and image_key_mask (batch, image_len) hide invalid keys from every
   query. causal_text lets text query i see text keys j <= i only. Shape (batch, 1, 1, L) for key
-  masks alone, (batch or 1, 1, L, L) with causal text.
+  masks alone, (batch or 1, 1, L, L) with causal text (`.dense()` gives the array).
   """
   if text_mask is None and image_key_mask is None and not causal_text:
     return None
   length = text_len + image_len
-  mask = None
+  keys = pattern = None
   if text_mask is not None or image_key_mask is not None:
     batch = (text_mask if text_mask is not None else image_key_mask).shape[0]
     tm = (jnp.ones((batch, text_len), bool) if text_mask is None
           else jnp.asarray(text_mask).astype(bool))
     im = (jnp.ones((batch, image_len), bool) if image_key_mask is None
           else jnp.asarray(image_key_mask).astype(bool))
-    mask = jnp.concatenate([tm, im], axis=1)[:, None, None, :]
+    keys = jnp.concatenate([tm, im], axis=1)
   if causal_text:
     idx = np.arange(length)
     is_text = idx < text_len
-    allowed = ~(is_text[:, None] & is_text[None, :]) | (idx[None, :] <= idx[:, None])
-    causal = jnp.asarray(allowed)[None, None]
-    mask = causal if mask is None else mask & causal
-  return mask
+    pattern = ~(is_text[:, None] & is_text[None, :]) | (idx[None, :] <= idx[:, None])
+  return AttentionMask(keys, pattern, kv_len=length)
 
 
 def _dense(d_in: int, d_out: int, names, *, init: str = "xavier", dtype: Dtype,

@@ -13,9 +13,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from psvae_jax.models.attention import dot_product_attention
+from psvae_jax.models.attention_mask import AttentionMask
 from psvae_jax.models.vit import apply_layers
 from psvae_jax.models import dense
 from psvae_jax.sharding import constrain
@@ -114,6 +116,20 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos + rotated * sin
 
 
+def layer_masks(attention_mask: jax.Array | None, seq: int,
+                sliding_window: int | None = None) -> dict[str, AttentionMask]:
+  """Per layer type: causal (& within `sliding_window`) & key is a real token (attention_mask
+  (batch, seq), 1 = token); a static pattern and the key validity (`AttentionMask`)."""
+  pos = np.arange(seq)
+  causal = pos[None, :] <= pos[:, None]
+  keys = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+  out = {"full_attention": AttentionMask(keys, causal, kv_len=seq)}
+  if sliding_window:
+    window = pos[None, :] > pos[:, None] - sliding_window
+    out["sliding_attention"] = AttentionMask(keys, causal & window, kv_len=seq)
+  return out
+
+
 class DecoderLayer(nnx.Module):
   """Pre-norm Qwen2 decoder layer."""
 
@@ -189,20 +205,11 @@ class TextEncoder(nnx.Module):
   def width(self) -> int:
     return self.config.width
 
-  def masks(self, attention_mask: jax.Array | None, batch: int, seq: int) -> dict[str, jax.Array]:
-    """Boolean (batch, 1, seq, seq) masks per layer type: causal & key is a real token."""
-    pos = jnp.arange(seq)
-    causal = pos[None, :] <= pos[:, None]
-    if attention_mask is None:
-      keys = jnp.ones((batch, seq), bool)
-    else:
-      keys = jnp.asarray(attention_mask).astype(bool)
-    full = causal[None, None] & keys[:, None, None, :]
-    out = {"full_attention": full}
-    if self.config.sliding_window:
-      window = pos[None, :] > pos[:, None] - self.config.sliding_window
-      out["sliding_attention"] = full & window[None, None]
-    return out
+  def masks(self, attention_mask: jax.Array | None, batch: int,
+            seq: int) -> dict[str, AttentionMask]:
+    """Masks (batch, 1, seq, seq) per layer type (see `layer_masks`)."""
+    del batch  # the masks broadcast over it without attention_mask
+    return layer_masks(attention_mask, seq, self.config.sliding_window)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
     """input_ids (batch, seq) int; attention_mask (batch, seq), 1 = token, 0 = padding.

@@ -209,7 +209,7 @@ def compile_train_step(config, devices, example_source: str = ""):
   from psvae_jax import train_state as ts
   from psvae_jax.tasks import get_task
 
-  config_base.validate(config)
+  config_base.validate(config, platform=devices[0].platform)
   task = get_task(config)
   try:
     mesh = sharding.make_mesh(config.mesh, devices)

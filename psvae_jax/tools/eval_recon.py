@@ -37,6 +37,7 @@ from absl import app, flags
 from flax import nnx
 
 from psvae_jax import sharding
+from psvae_jax.metrics.precision import full_precision
 from psvae_jax.runs import default_mesh, load_run_model
 
 RANDOM_INCEPTION_LABEL = ("RANDOM Inception weights (--allow_random_inception): a smoke-test "
@@ -154,7 +155,7 @@ def make_recon_fn(model, config, lpips):
           images_to_unit_range(images), images_to_unit_range(rec_u8))
     return out, rec_u8
 
-  return jax.jit(run)
+  return jax.jit(full_precision(run))
 
 
 def make_feature_fn(inception):
@@ -162,8 +163,8 @@ def make_feature_fn(inception):
   if not getattr(inception, "normalize_input", False):
     raise ValueError("the FID Inception must take [0, 1] inputs (normalize_input=True)")
   graphdef, _ = nnx.split(inception)
-  return jax.jit(lambda state, images: nnx.merge(graphdef, state)(
-      images.astype(jnp.float32) / 255.0))
+  return jax.jit(full_precision(lambda state, images: nnx.merge(graphdef, state)(
+      images.astype(jnp.float32) / 255.0)))
 
 
 # --- outputs -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from absl import app, flags
 from flax import nnx
 
 from psvae_jax import sharding
+from psvae_jax.metrics.precision import full_precision
 from psvae_jax.tools.eval_recon import eval_data_config, write_bytes
 from psvae_jax.runs import default_mesh, load_run_model
 
@@ -77,7 +78,7 @@ def make_latent_fn(model, config):
     features = autoencoder_parts.encoder_features(m.encoder, images, config.model)
     return m.svae.encode(features).mean.astype(jnp.float32)
 
-  return jax.jit(run)
+  return jax.jit(full_precision(run))
 
 
 def latents(latent_fn, state, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:

@@ -64,13 +64,6 @@ def test_implementations_agree_cross_attention_custom_scale_bf16():
   np.testing.assert_allclose(np.asarray(a16, np.float32), np.asarray(b16, np.float32), atol=5e-2)
 
 
-@pytest.mark.skipif(jax.default_backend() == "tpu", reason="splash runs on TPU")
-def test_splash_off_tpu_is_not_implemented():
-  q, k, v = _inputs()
-  with pytest.raises(NotImplementedError, match="TPU"):
-    attention.dot_product_attention(q, k, v, impl="splash")
-
-
 @pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
 def test_splash_matches_xla_on_tpu():
   q, k, v = _inputs(q_len=200, kv_len=200, dim=64, dtype=jnp.bfloat16)

@@ -115,3 +115,20 @@ def test_compiles_the_svae_step_for_a_v5p_slice():
                                    + report["temp_bytes"] + report["generated_code_bytes"]
                                    - report["alias_bytes"])
   assert report["flops_per_chip"] > 0 and report["est_step_time_s"] > 0
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["t2i", "edit"])
+def test_compiles_the_generator_step_with_splash_for_tpu_from_this_host(stage):
+  # The kernel follows the compile target: a CPU host AOT-compiles the TPU splash kernel, in
+  # shard_map over a (data, tensor) mesh, inside the real T2I / edit step (padded text; edit's
+  # source tokens).
+  from psvae_jax.config_loader import load_config
+  config = load_config(f"configs/{stage}.py:smoke", {
+      "attention_impl": "splash", "mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 2,
+      "batch_size": 4})
+  devices = aot.topology_devices(aot.parse_topology("v5p:2x2x1"))
+  compiled, mesh, _ = aot.compile_train_step(config, devices)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert "tpu_custom_call" in compiled.as_text()
