@@ -7,6 +7,7 @@ Measures the synthetic world's raw generation rate (one thread) and the full tra
 ArrayRecord shards of the same JPEGs, with 0 and 2 worker processes; reports the median over
 repeats (the first batch of each iterator, including worker start-up, is not timed).
 """
+import argparse
 import os
 import statistics
 import sys
@@ -81,14 +82,19 @@ def run(batches: int = 6, repeats: int = 3, workers=(0, 2)) -> dict:
   return results
 
 
+def parse_args(argv):
+  """The command line (see the module docstring); argv without the program name."""
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.input_pipeline",
+                                   description="Input pipeline throughput at 256 px.")
+  parser.add_argument("--batches", type=int, default=6, help="timed batches per iterator")
+  parser.add_argument("--repeats", type=int, default=3, help="repeats (the median is reported)")
+  parser.add_argument("--out", default="", help="output JSON file ('' = none)")
+  return parser.parse_args(argv)
+
+
 def main(argv):
-  kwargs, out = {}, ""
-  for arg in argv[1:]:
-    key, _, value = arg.lstrip("-").partition("=")
-    if key == "out":
-      out = value
-    else:
-      kwargs[key] = int(value)
+  args = parse_args(argv[1:])
+  out, kwargs = args.out, dict(batches=args.batches, repeats=args.repeats)
   results = run(**kwargs)
   width = max(map(len, results))
   print(f"{'input pipeline (256 px, images/s, median)':<{width}}  rate")

@@ -73,7 +73,9 @@ def model_config() -> ml_collections.ConfigDict:
   m.qk_norm = "rms_norm"  # or '' for none
   m.pos_embed = "sincos"  # or 'learned'
   m.causal_text = False  # text tokens attend only to earlier text tokens
-  m.scan_layers = False  # nnx.scan over the generator's blocks (unverified in the loop)
+  # nnx.scan over the generator's (and DDT head's) blocks and the text encoder's layers;
+  # converted or parent-run weights in either layout load (models/scan_layout.py)
+  m.scan_layers = False
   m.remat_policy = ""  # '' | 'full' | 'dots' | 'dots_no_batch'
   # Frozen text encoder: preset name (psvae_jax.models.text_encoder.PRESETS), its converted
   # weights (python -m psvae_jax.tools.convert) and the tokenizer ('bytes' or a local HF

@@ -11,7 +11,8 @@ Data flow (per image token, following RAE's `DiTwDDTHead`):
 Parameter layout (logical axis names in brackets):
   cond_proj.{kernel,bias}        (cond_dim, width)      [None, embed]
   x_embed.{kernel,bias}          (in_features, width)   [None, embed]
-  blocks.<i>.norm1.scale, norm2.scale                   [norm]
+  blocks.<i>.norm1.scale, norm2.scale                   [norm]   (scan_layers: `blocks.*`
+                                                        stacked on a leading [layers] axis)
   blocks.<i>.qkv_kernel (width, 3, width), qkv_bias     [embed, None, heads]
   blocks.<i>.out.{kernel,bias}                          [heads, embed]
   blocks.<i>.mlp.{gate,up,down}                         SwiGLU [embed, mlp] / [mlp, embed]
@@ -30,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from psvae_jax.models.attention import dot_product_attention, unstack
-from psvae_jax.models.vit import Mlp, apply_layers
+from psvae_jax.models.vit import Mlp, apply_layers, stacked_layers
 from psvae_jax.models import dense
 from psvae_jax.sharding import constrain
 
@@ -158,16 +159,21 @@ class DDTHead(nnx.Module):
 
   def __init__(self, cond_dim: int, in_features: int, out_features: int,
                config: DDTHeadConfig = DDTHeadConfig(), *, attention_impl: str = "xla",
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               scan_layers: bool = False, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.config = config
     self.dtype = dtype
+    self.scan_layers = scan_layers
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     width = config.width
     self.cond_proj = _linear(cond_dim, width, (None, "embed"), rngs=rngs, **kw)
     self.x_embed = _linear(in_features, width, (None, "embed"), rngs=rngs, **kw)
-    self.blocks = nnx.List([
-        DDTBlock(width, config.num_heads, config.mlp_dim, attention_impl=attention_impl,
-                 rngs=rngs, **kw) for _ in range(config.depth)])
+    make = lambda r: DDTBlock(width, config.num_heads, config.mlp_dim,
+                              attention_impl=attention_impl, rngs=r, **kw)
+    if scan_layers:
+      self.blocks = stacked_layers(make, config.depth, rngs)
+    else:
+      self.blocks = nnx.List([make(rngs) for _ in range(config.depth)])
     self.final_norm = RMSNorm(width, **kw)
     self.final_modulation = _linear(width, 2 * width, ("embed", "mlp"), zero=True, rngs=rngs,
                                     **kw)
@@ -197,6 +203,6 @@ class DDTHead(nnx.Module):
       rope = (jnp.asarray(cos), jnp.asarray(sin))
     cond_act = jax.nn.silu(cond)
     x = apply_layers(self.blocks, x, lambda block, h: block(h, cond_act, rope, mask),
-                     scanned=False, remat=False)
+                     scanned=self.scan_layers, remat=False)
     shift, scale = jnp.split(self.final_modulation(cond_act), 2, axis=-1)
     return self.final_linear(self.final_norm(x) * (1 + scale) + shift)

@@ -58,7 +58,7 @@ from psvae_jax.models.attention import dot_product_attention, unstack
 from psvae_jax.models.attention_mask import AttentionMask
 from psvae_jax.models.grad_barrier import materialize_grad
 from psvae_jax.models.ddt_head import DDTHead, DDTHeadConfig, RMSNorm
-from psvae_jax.models.vit import Mlp, PatchEmbed
+from psvae_jax.models.vit import Mlp, PatchEmbed, stacked_layers
 from psvae_jax.models import dense
 from psvae_jax.sharding import constrain
 
@@ -500,7 +500,7 @@ class MMDiT(nnx.Module):
     patch_out = c.patch_size ** 2 * c.out_dim
     if c.ddt_head is not None:
       self.ddt_head = DDTHead(width, c.patch_size ** 2 * c.in_channels, patch_out, c.ddt_head,
-                              attention_impl=attention_impl, **kw)
+                              attention_impl=attention_impl, scan_layers=scan_layers, **kw)
       self.norm_out = self.proj_out = None
     else:
       self.ddt_head = None
@@ -509,14 +509,9 @@ class MMDiT(nnx.Module):
 
   def _stacked_blocks(self, length, dual, block_kw, rngs):
     c = self.config
-
-    @nnx.split_rngs(splits=length)
-    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(r):
-      return JointBlock(c.width, c.num_heads, c.mlp_dim, dual_attention=dual, rngs=r,
-                        **block_kw)
-
-    return make(rngs)
+    make = lambda r: JointBlock(c.width, c.num_heads, c.mlp_dim, dual_attention=dual, rngs=r,
+                                **block_kw)
+    return stacked_layers(make, length, rngs)
 
   # ---- embeddings -------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from flax import nnx
 
 from psvae_jax.models.attention import dot_product_attention
 from psvae_jax.models.attention_mask import AttentionMask
-from psvae_jax.models.vit import apply_layers
+from psvae_jax.models.vit import apply_layers, stacked_layers
 from psvae_jax.models import dense
 from psvae_jax.sharding import constrain
 
@@ -192,11 +192,7 @@ class TextEncoder(nnx.Module):
     make = lambda r: DecoderLayer(c, attention_impl=attention_impl, dtype=dtype,
                                   param_dtype=param_dtype, rngs=r)
     if scan_layers:
-      @nnx.split_rngs(splits=c.depth)
-      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def make_stacked(r):
-        return make(r)
-      self.layers = make_stacked(rngs)
+      self.layers = stacked_layers(make, c.depth, rngs)
     else:
       self.layers = nnx.List([make(rngs) for _ in range(c.depth)])
     self.norm = RMSNorm(c.width, eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)

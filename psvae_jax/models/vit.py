@@ -178,6 +178,16 @@ class TransformerBlock(nnx.Module):
     return constrain(x, ("batch", "seq", "act_embed"))
 
 
+def stacked_layers(make, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`make(rngs)` built `num_layers` times as one module whose parameters are stacked on a
+  leading 'layers' axis (the layout `apply_layers(..., scanned=True)` runs)."""
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make_stacked(r):
+    return make(r)
+  return make_stacked(rngs)
+
+
 class TransformerStack(nnx.Module):
   """`num_layers` TransformerBlocks applied in sequence.
 
@@ -196,11 +206,7 @@ class TransformerStack(nnx.Module):
     self.remat = remat_lib.policy_name(remat)
     make = lambda r: TransformerBlock(dim, num_heads, mlp_dim, rngs=r, **block_kwargs)
     if scan_layers:
-      @nnx.split_rngs(splits=num_layers)
-      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def make_stacked(r):
-        return make(r)
-      self.blocks = make_stacked(rngs)
+      self.blocks = stacked_layers(make, num_layers, rngs)
     else:
       self.blocks = nnx.List([make(rngs) for _ in range(num_layers)])
 

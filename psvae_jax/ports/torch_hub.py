@@ -6,7 +6,7 @@ Weights are read only from safetensors files (or given as dicts of arrays); pick
   # VGG16 trunk (torchvision, ImageNet weights):
   python -c "import torchvision, safetensors.torch as st; st.save_file(torchvision.models.vgg16(weights='IMAGENET1K_V1').state_dict(), 'vgg16.safetensors')"
   # LPIPS heads shipped in the `lpips` package (lpips/weights/v0.1/vgg.pth):
-  python -c "import torch, safetensors.torch as st; st.save_file(torch.load('vgg.pth', map_location='cpu', weights_only=True), 'lpips_vgg_v0.1.safetensors')"
+  python -c "import torch, safetensors.torch as st; st.save_file(torch.load('vgg.pth', map_location='cpu', weights_only=True), 'lpips_vgg.safetensors')"
   # pytorch-fid's Inception (pt_inception-2015-12-05-6726825d.pth):
   python -c "import torch, safetensors.torch as st; st.save_file(torch.load('pt_inception-2015-12-05-6726825d.pth', map_location='cpu', weights_only=True), 'pt_inception-2015-12-05.safetensors')"
 

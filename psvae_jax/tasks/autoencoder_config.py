@@ -10,7 +10,7 @@ def model_config() -> ml_collections.ConfigDict:
   m.svae_depth = 3  # transformer blocks in E_s and in D_s
   m.latent_channels = 96
   m.init_from_encoder = False  # copy the encoder's last svae_depth blocks into E_s/D_s
-  m.scan_layers = False
+  m.scan_layers = False  # scanned encoder / E_s / D_s blocks; unscanned weights still load
   m.remat = False
   m.require_pretrained_encoder = True  # scratch start without config.init is an error
   # Directory with LPIPS weights as safetensors: vgg16.safetensors (torchvision VGG16 state dict)

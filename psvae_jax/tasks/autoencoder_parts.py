@@ -11,7 +11,7 @@ from flax import nnx
 
 from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax.config_base import ConfigError
-from psvae_jax.models import encoders, flops_conv
+from psvae_jax.models import encoders, flops_conv, scan_layout
 from psvae_jax.models.svae import SemanticVAE
 
 
@@ -66,10 +66,22 @@ def load_encoder_init(params: nnx.State, path: str, *, prefix: str) -> nnx.State
   with open(port_config) as f:
     meta = json.load(f)
   target = params[prefix]
-  restored = ckpt_lib.restore_tree(os.path.join(path, "params"), _abstract_pure(target),
-                                   what=f"{prefix} ({meta.get('model_type', '?')})")
-  nnx.replace_by_pure_dict(target, restored)
+  what = f"{prefix} ({meta.get('model_type', '?')})"
+  stored = os.path.join(path, "params")
+  if _is_scanned(target):
+    # Converted weights hold the unscanned layout: restore them as stored, then stack.
+    params = fill_subtree(params, prefix, ckpt_lib.restore_tree(stored, None, what=what),
+                          what=path)
+  else:
+    restored = ckpt_lib.restore_tree(stored, _abstract_pure(target), what=what)
+    nnx.replace_by_pure_dict(target, restored)
   return params
+
+
+def _is_scanned(state: nnx.State) -> bool:
+  """Whether any parameter carries the 'layers' axis of a scanned stack."""
+  return any("layers" in (getattr(v, "out_sharding", None) or ())
+             for _, v in nnx.to_flat_state(state))
 
 
 def copy_encoder_blocks_into_svae(params: nnx.State, depth: int) -> nnx.State:
@@ -178,19 +190,29 @@ def fill_subtree(params: nnx.State, prefix: str, source: nnx.State, *, what: str
   Structure or shape differences are an error listing them.
   """
   target = params[prefix]
+  try:
+    # The source may hold the other layer layout (scanned vs unscanned): match the target's.
+    source = scan_layout.match_scan_layout(source, _abstract_pure(target))
+  except scan_layout.ScanLayoutError as e:
+    raise ckpt_lib.CheckpointError(f"cannot load {prefix} from {what}: {e}") from e
   want = {path: leaf for path, leaf in nnx.to_flat_state(target)}
-  have = {path: leaf for path, leaf in nnx.to_flat_state(source)}
+  have = {tuple(_key(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(source)[0]}
   problems = [f"missing {'.'.join(map(str, p))}" for p in want if p not in have]
   problems += [f"unexpected {'.'.join(map(str, p))}" for p in have if p not in want]
-  problems += [f"{'.'.join(map(str, p))}: {have[p].get_value().shape} vs model "
+  problems += [f"{'.'.join(map(str, p))}: {have[p].shape} vs model "
                f"{want[p].get_value().shape}" for p in want
-               if p in have and have[p].get_value().shape != want[p].get_value().shape]
+               if p in have and have[p].shape != want[p].get_value().shape]
   if problems:
     raise ckpt_lib.CheckpointError(f"cannot load {prefix} from {what}: " + "; ".join(problems[:20]))
   for path, variable in want.items():
     value = variable.get_value()
     # A copy: one source may fill two groups (encoder and teacher), and the train step
     # donates its state, which must not hold the same buffer twice.
-    variable.set_value(jax.device_put(jnp.array(have[path].get_value(), value.dtype, copy=True),
+    variable.set_value(jax.device_put(jnp.array(have[path], value.dtype, copy=True),
                                       value.sharding))
   return params
+
+
+def _key(entry):
+  return getattr(entry, "key", getattr(entry, "idx", entry))

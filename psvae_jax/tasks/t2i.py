@@ -116,7 +116,8 @@ class T2IModel(nnx.Module):
     dtype = autoencoder_parts.compute_dtype(config)
     kw = dict(dtype=dtype, attention_impl=config.attention_impl, rngs=rngs)
     self.text_encoder = text_encoder_lib.build_text_encoder(
-        text_encoder_config(m), rngs=rngs, dtype=dtype, attention_impl=config.attention_impl)
+        text_encoder_config(m), rngs=rngs, dtype=dtype, attention_impl=config.attention_impl,
+        scan_layers=m.scan_layers)
     self.encoder = autoencoder_parts.build_representation_encoder(ae, **kw)
     self.svae = autoencoder_parts.build_semantic_vae(ae, self.encoder, **kw)
     # Only E_s maps features to latents here; D_s is not part of this model.

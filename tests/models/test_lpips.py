@@ -12,25 +12,10 @@ import psvae_jax  # noqa: F401
 from psvae_jax.models.lpips import _unit_normalise
 from psvae_jax.ports.common import WeightLoadError
 from psvae_jax.ports.torch_hub import lpips_from_state_dicts
+from torchvision_stub import TorchVGG16
 
-VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 TAP_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))  # relu1_2 .. relu5_3
 CHANNELS = (64, 128, 256, 512, 512)
-
-
-class TorchVGG16(nn.Module):
-  """torchvision `vgg16()` minus the classifier: `features.<i>` indices as torchvision's."""
-
-  def __init__(self):
-    super().__init__()
-    layers, in_ch = [], 3
-    for v in VGG16_CFG:
-      if v == "M":
-        layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-      else:
-        layers += [nn.Conv2d(in_ch, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
-        in_ch = v
-    self.features = nn.Sequential(*layers)
 
 
 class TorchHeads(nn.Module):

@@ -85,7 +85,9 @@ def test_random_init_baseline(t2i_run, tmp_path):
                                            "--random_init"]))
   assert result["weights"] == "random_init" and result["random_init"]
   assert result["json"].endswith("eval_t2i_random_init.json")
-  assert result["n"] == 10 and 0.0 <= result["score"] <= 1.0
+  # An untrained generator draws no recognisable object: far below the trained toy generator's
+  # 0.91 (README), so the baseline says something.
+  assert result["n"] == 10 and result["score"] < 0.2, result["score"]
 
 
 def test_bad_inputs_are_named(t2i_run, monkeypatch):
