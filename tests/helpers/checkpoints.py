@@ -7,6 +7,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from psvae_jax import checkpoint as ckpt_lib
+from psvae_jax import sharding
+from psvae_jax import train_state as ts
+from psvae_jax.tasks import get_task
 
 
 def restore_all(workdir, step=None):
@@ -39,3 +42,21 @@ def assert_same_checkpoint(a, b):
       assert a[key] == b[key], "data iterator positions differ"
     else:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def restore_params(config, workdir):
+  """(step, merged raw params as a nested dict, extras) of `workdir`'s newest checkpoint,
+  restored through `config`'s task layout."""
+  task = get_task(config)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    layout = ts.make_train_setup(task, config, mesh)
+    reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False)
+    try:
+      step = reader.latest_step()
+      restored = reader.restore(step, abstract_state=layout.abstract_state,
+                                abstract_ema=layout.abstract_ema)
+    finally:
+      reader.close()
+  state = jax.device_get(restored["state"])
+  return step, ts.all_params(state).to_pure_dict(), restored.get("extras", {})

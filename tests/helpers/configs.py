@@ -16,6 +16,40 @@ def tiny_svae_config(**overrides):
   return _small_run(config, overrides)
 
 
+def psvae_config_from_svae_run(svae_config, svae_workdir):
+  """A 2-step PS-VAE config (discriminator on from step 1) started from the S-VAE run in
+  `svae_workdir`; `svae_config` is the conftest fixture building the tiny S-VAE config."""
+  config = svae_config()
+  config.task = "psvae"
+  config.model.discriminator.enabled = True
+  config.model.discriminator.ndf = 8
+  config.loss.disc_start = 1  # GAN on from the second step
+  config.loss.pixel_weight = 0.1
+  config.total_steps = 2
+  config.optim.ema_decay = 0.0
+  with config.unlocked():
+    config.latent_stats_batches = 2
+  config.init = svae_workdir
+  return config
+
+
+def tiny_psvae_config():
+  """The tiny S-VAE test config as a PS-VAE, with the smallest pixel decoder (4x4 -> 4x4 px)."""
+  config = tiny_svae_config(**{"optim.ema_decay": 0.5})
+  config.task = "psvae"
+  config.model.pixel_decoder.ch_mult = (1,)
+  config.model.pixel_decoder.num_res_blocks = 0
+  config.model.pixel_decoder.attn_resolutions = ()
+  config.model.pixel_decoder.resolution = 4
+  return config
+
+
+def t2i_config_for(psvae_config, **overrides):
+  """The T2I smoke preset shrunk onto `psvae_config`'s autoencoder (32 text tokens)."""
+  return shrink_generator_config(load_config("configs/t2i.py:smoke"), psvae_config.model,
+                                 max_text_len=32, **overrides)
+
+
 def _small_run(config, overrides: dict):
   """The settings every shrunk test config shares (32 px synthetic data, batch 8, checkpoints
   every 2 steps, no TensorBoard, a fixed peak for MFU), then `overrides` ('a.b' -> value)."""

@@ -2,57 +2,29 @@
 import jax
 import numpy as np
 
-from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import sharding
 from psvae_jax import train as train_lib
 from psvae_jax import train_state as ts
-from psvae_jax.config_loader import set_by_path
 from psvae_jax.tasks import get_task
 
+from helpers.checkpoints import restore_params
+from helpers.configs import psvae_config_from_svae_run
 
-def _params(config, workdir):
-  task = get_task(config)
-  mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh):
-    layout = ts.make_train_setup(task, config, mesh)
-    reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False)
-    step = reader.latest_step()
-    restored = reader.restore(step, abstract_state=layout.abstract_state,
-                              abstract_ema=layout.abstract_ema)
-    reader.close()
-  state = jax.device_get(restored["state"])
-  merged = ts.all_params(state).to_pure_dict()
-  return step, merged, restored.get("extras", {})
-
-
-def _psvae_config(svae_config, svae_workdir):
-  config = svae_config()
-  config.task = "psvae"
-  config.model.discriminator.enabled = True
-  config.model.discriminator.ndf = 8
-  config.loss.disc_start = 1  # GAN on from the second step
-  config.loss.pixel_weight = 0.1
-  config.total_steps = 2
-  config.optim.ema_decay = 0.0
-  with config.unlocked():
-    config.latent_stats_batches = 2
-  config.init = svae_workdir
-  return config
 
 
 def test_psvae_from_svae(tmp_path, svae_config):
   svae_dir = str(tmp_path / "svae")
   svae = svae_config(**{"total_steps": 2, "optim.ema_decay": 0.0})
   train_lib.train(svae, svae_dir)
-  _, svae_params, _ = _params(svae, svae_dir)
+  _, svae_params, _ = restore_params(svae, svae_dir)
 
   psvae_dir = str(tmp_path / "psvae")
-  config = _psvae_config(svae_config, svae_dir)
+  config = psvae_config_from_svae_run(svae_config, svae_dir)
   summary = train_lib.train(config, psvae_dir)
   assert summary["source"] == f"init {svae_dir}"
   # Logged means over steps 0 and 1: the discriminator is off at step 0, on from step 1.
   assert summary["last_metrics"]["disc_factor"] == 0.5 and "d_loss" in summary["last_metrics"]
-  step, params, extras = _params(config, psvae_dir)
+  step, params, extras = restore_params(config, psvae_dir)
   assert step == 2
 
   same = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))

@@ -10,29 +10,16 @@ from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import runs, sharding
 from psvae_jax import train as train_lib
 from psvae_jax import train_state as ts
-from psvae_jax.config_base import ConfigError
 from psvae_jax.config_base import to_json
-from psvae_jax.config_loader import load_config, set_by_path
 from psvae_jax.tasks import get_task
 from psvae_jax.tasks import t2i
 from psvae_jax.tokenizers import ByteTokenizer, build_tokenizer, tokenize
 
-from helpers.configs import shrink_generator_config, tiny_svae_config
+from helpers.configs import t2i_config_for, tiny_psvae_config
 
 ONE_DEVICE = jax.devices()[:1]  # compiles on 1 device are the cheapest; sharding is tested apart
 LATENT_STATS = {"mean": [0.1 * i for i in range(8)], "std": [0.5 + 0.1 * i for i in range(8)],
                 "count": 128}
-
-def _psvae_config():
-  """The tiny S-VAE test config as a PS-VAE, with the smallest pixel decoder (4x4 -> 4x4 px)."""
-  config = tiny_svae_config(**{"optim.ema_decay": 0.5})
-  config.task = "psvae"
-  config.model.pixel_decoder.ch_mult = (1,)
-  config.model.pixel_decoder.num_res_blocks = 0
-  config.model.pixel_decoder.attn_resolutions = ()
-  config.model.pixel_decoder.resolution = 4
-  return config
-
 
 @pytest.fixture(scope="module")
 def psvae_run(tmp_path_factory):
@@ -40,7 +27,7 @@ def psvae_run(tmp_path_factory):
   statistics), written from the PS-VAE task's own layout with random host-side values: the run
   itself is tested in test_psvae.py, and compiling its step here would dominate this file."""
   workdir = str(tmp_path_factory.mktemp("psvae"))
-  config = _psvae_config()
+  config = tiny_psvae_config()
   task = get_task(config)
   mesh = sharding.make_mesh({"data": 1}, ONE_DEVICE)
   rng = np.random.default_rng(0)
@@ -55,11 +42,6 @@ def psvae_run(tmp_path_factory):
                 extras={"latent_stats": LATENT_STATS})
     writer.close()
   return workdir, config
-
-
-def _t2i_config(psvae_config, **overrides):
-  return shrink_generator_config(load_config("configs/t2i.py:smoke"), psvae_config.model,
-                                 max_text_len=32, **overrides)
 
 
 def _restore(config, workdir):
@@ -81,7 +63,7 @@ def test_t2i_from_psvae_run(tmp_path, psvae_run):
   stats = psvae_restored["extras"]["latent_stats"]
 
   workdir = str(tmp_path / "t2i")
-  config = _t2i_config(psvae_config, init=psvae_dir)
+  config = t2i_config_for(psvae_config, init=psvae_dir)
   summary = train_lib.train(config, workdir, devices=ONE_DEVICE)
   assert summary["source"] == f"init {psvae_dir}"
   assert np.isfinite(summary["last_metrics"]["loss"])
@@ -108,7 +90,7 @@ def test_t2i_from_psvae_run(tmp_path, psvae_run):
 
 def test_autoencoder_section_comes_from_the_psvae_run(psvae_run):
   psvae_dir, psvae_config = psvae_run
-  config = _t2i_config(psvae_config, init=psvae_dir)
+  config = t2i_config_for(psvae_config, init=psvae_dir)
   with config.unlocked():
     config.model.autoencoder.latent_channels = 4
     config.model.autoencoder.remat = True
@@ -123,7 +105,7 @@ def test_autoencoder_section_comes_from_the_psvae_run(psvae_run):
 
 
 def test_cached_inputs_give_the_same_loss():
-  config = _t2i_config(_psvae_config(), **{"model.require_autoencoder": False,
+  config = t2i_config_for(tiny_psvae_config(), **{"model.require_autoencoder": False,
                                            "flow.caption_dropout": 0.5})
   task = get_task(config)
   mesh = sharding.make_mesh({"data": 1}, ONE_DEVICE)
@@ -153,7 +135,7 @@ def test_cached_inputs_give_the_same_loss():
     loss = jax.jit(lambda parts, batch: task.loss(layout.merge(*parts), batch, key, 0))
     latent, states, mask = jax.device_get(encode(parts, raw))
     raw_loss, raw_metrics = loss(parts, raw)
-    cached_task = get_task(_t2i_config(_psvae_config(), **{
+    cached_task = get_task(t2i_config_for(tiny_psvae_config(), **{
         "model.require_autoencoder": False, "flow.caption_dropout": 0.5,
         "model.cached_inputs": True}))
     cached = cached_task.prepare_batch({"latent": latent, "text_states": states,

@@ -10,7 +10,8 @@ import pytest
 from psvae_jax import train as train_lib
 from psvae_jax.models.scan_layout import match_scan_layout
 
-from test_psvae import _params, _psvae_config
+from helpers.checkpoints import restore_params
+from helpers.configs import psvae_config_from_svae_run, t2i_config_for, tiny_psvae_config
 
 
 def _first_metrics(workdir):
@@ -19,7 +20,7 @@ def _first_metrics(workdir):
 
 
 def _psvae(svae_config, parent, scan, **overrides):
-  config = _psvae_config(svae_config, parent)
+  config = psvae_config_from_svae_run(svae_config, parent)
   config.total_steps = 1
   config.log_every = 1
   config.model.scan_layers = scan
@@ -49,8 +50,8 @@ def test_psvae_scanned_from_unscanned_svae_matches_unscanned(tmp_path, svae_conf
   # by one AdamW step, which moves a weight by at most ~lr (a near-zero gradient's sign may
   # differ between the two float summation orders). Fresh groups (the discriminator) differ:
   # the scanned model draws its initial values in another order.
-  _, params_plain, _ = _params(*runs[False])
-  _, params_scan, _ = _params(*runs[True])
+  _, params_plain, _ = restore_params(*runs[False])
+  _, params_scan, _ = restore_params(*runs[True])
   lr = runs[False][0].optim.lr
   for group, bound in (("teacher", 0.0), ("encoder", 2.5 * lr), ("svae", 2.5 * lr),
                        ("pixel_decoder", 2.5 * lr)):
@@ -72,10 +73,10 @@ def test_unscanned_psvae_from_scanned_svae(tmp_path, svae_config):
   svae_dir = str(tmp_path / "svae")
   svae = svae_config(**{"total_steps": 1, "optim.ema_decay": 0.0, "model.scan_layers": True})
   train_lib.train(svae, svae_dir)
-  _, svae_params, _ = _params(svae, svae_dir)
+  _, svae_params, _ = restore_params(svae, svae_dir)
   config = _psvae(svae_config, svae_dir, False)
   train_lib.train(config, str(tmp_path / "psvae"))
-  _, params, _ = _params(config, str(tmp_path / "psvae"))
+  _, params, _ = restore_params(config, str(tmp_path / "psvae"))
   # The frozen teacher is the scanned S-VAE's encoder, unstacked.
   teacher = match_scan_layout(params["teacher"], svae_params["encoder"])
   assert jax.tree.all(jax.tree.map(np.array_equal, teacher, svae_params["encoder"]))
@@ -89,15 +90,13 @@ def test_t2i_step_scanned_matches_unscanned():
   from psvae_jax import train_state as ts
   from psvae_jax.tasks import get_task
 
-  from test_t2i import ONE_DEVICE, _psvae_config, _t2i_config
-
   captions = np.array(["a red circle", "two blue squares", "", "a green triangle"] * 2,
                       dtype=object)
   images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-  mesh = sharding.make_mesh({"data": 1}, ONE_DEVICE)
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   out, reference = {}, None
   for scan in (False, True):
-    config = _t2i_config(_psvae_config(), **{"model.require_autoencoder": False,
+    config = t2i_config_for(tiny_psvae_config(), **{"model.require_autoencoder": False,
                                              "model.scan_layers": scan,
                                              "model.autoencoder.scan_layers": scan})
     task = get_task(config)
@@ -106,11 +105,11 @@ def test_t2i_step_scanned_matches_unscanned():
       layout = ts.make_train_setup(task, config, mesh)
       state = ts.init_state(task, config, layout)
       if reference is not None:
-        params = ts.all_params(state)
+        params = ts.allrestore_params(state)
         params.replace_by_pure_dict(match_scan_layout(reference, params))
-        state["params"], state["frozen"] = ts.split_params(layout, params)
+        state["params"], state["frozen"] = ts.splitrestore_params(layout, params)
       else:
-        reference = ts.all_params(state).to_pure_dict()
+        reference = ts.allrestore_params(state).to_pure_dict()
 
       def loss(trainable, frozen, other, batch):
         return task.loss(layout.merge(trainable, frozen, other), batch, jax.random.key(3), 0)[0]
