@@ -105,11 +105,11 @@ def test_t2i_step_scanned_matches_unscanned():
       layout = ts.make_train_setup(task, config, mesh)
       state = ts.init_state(task, config, layout)
       if reference is not None:
-        params = ts.allrestore_params(state)
+        params = ts.all_params(state)
         params.replace_by_pure_dict(match_scan_layout(reference, params))
-        state["params"], state["frozen"] = ts.splitrestore_params(layout, params)
+        state["params"], state["frozen"] = ts.split_params(layout, params)
       else:
-        reference = ts.allrestore_params(state).to_pure_dict()
+        reference = ts.all_params(state).to_pure_dict()
 
       def loss(trainable, frozen, other, batch):
         return task.loss(layout.merge(trainable, frozen, other), batch, jax.random.key(3), 0)[0]
