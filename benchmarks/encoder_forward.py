@@ -37,7 +37,7 @@ def _reference_model():
 
 
 def _flops_per_image(tokens: int, image_size: int) -> float:
-  from psvae_jax.tasks.autoencoder_parts import vit_forward_flops
+  from psvae_jax.models.flops import vit_forward_flops
   patches = (image_size // 14) ** 2
   return vit_forward_flops(768, 12, 3072, tokens) + 2 * patches * 14 * 14 * 3 * 768
 

@@ -3,10 +3,16 @@
   python -m benchmarks.run [--suite=cpu] [--out=benchmarks/out] [--quick] [--only=NAME,NAME]
   python -m benchmarks.run --suite=gpu_paper [--out=benchmarks/out_gpu] [--batch=64] \
       [--peak_tflops=N] [--set=attention_impl=cudnn ...]
+  python -m benchmarks.run --suite=tpu_aot [--only=psvae|t2i|t2i_large] [--set=attention_impl=splash]
 
 Suites (SUITES): 'cpu' (default) compares this project with the reference libraries at small
 sizes on this machine; 'gpu_paper' measures the paper-scale models on one accelerator (see
-below).
+below); 'tpu_aot' compiles the paper configs' TPU presets (configs/psvae.py:tpu_v5p,
+configs/t2i.py:tpu_v5p, configs/t2i.py:large_tpu_v5p) for two v5p slice sizes each from this
+machine (psvae_jax.tools.aot, libtpu needed, 5-15 min per compile on 2 cores) and prints
+per-chip memory, fits, XLA's and the analytic FLOPs, XLA's cost-model step time (an estimate,
+not a measurement), the estimated MFU (analytic FLOPs / estimated time / the chip's bf16 peak)
+and the compile time; --only=psvae (or t2i, t2i_large, psvae_v5p_8, ...) runs a subset.
 
 Each benchmark runs as its own process (`python -m benchmarks.<module> ...`, its log and JSON
 under --out), so one benchmark's threads and compilation caches do not disturb the next. The
@@ -80,9 +86,28 @@ GPU_PAPER_BENCHMARKS = {
                   "--steps=50", "--cfg_scale=6.5", "--warmup=1", "--repeats=3"],
                  ["--repeats=1", "--steps=10"]),
 }
-SUITES = {"cpu": BENCHMARKS, "gpu_paper": GPU_PAPER_BENCHMARKS}
+
+
+def _tpu_aot(config: str, topology: str, *overrides: str) -> tuple[str, list[str], list[str]]:
+  """An ahead-of-time TPU compile (psvae_jax.tools.aot) of a paper config's real train step."""
+  return ("psvae_jax.tools.aot", [f"--config={config}", f"--topology={topology}",
+                                  "--breakdown", *overrides], [])
+
+
+# The paper configs' TPU presets compiled for two v5p slice sizes each (from this machine).
+_T2I_AOT = ("--config.model.tokenizer=bytes",)  # shapes only: no tokenizer files needed
+TPU_AOT_BENCHMARKS = {
+    "psvae_v5p_8": _tpu_aot("configs/psvae.py:tpu_v5p", "v5p:2x2x2"),
+    "psvae_v5p_64": _tpu_aot("configs/psvae.py:tpu_v5p", "v5p:4x4x4", "--config.mesh.tensor=4"),
+    "t2i_v5p_16": _tpu_aot("configs/t2i.py:tpu_v5p", "v5p:2x2x4", *_T2I_AOT),
+    "t2i_v5p_64": _tpu_aot("configs/t2i.py:tpu_v5p", "v5p:4x4x4", *_T2I_AOT),
+    "t2i_large_v5p_16": _tpu_aot("configs/t2i.py:large_tpu_v5p", "v5p:2x2x4", *_T2I_AOT),
+    "t2i_large_v5p_64": _tpu_aot("configs/t2i.py:large_tpu_v5p", "v5p:4x4x4", *_T2I_AOT),
+}
+SUITES = {"cpu": BENCHMARKS, "gpu_paper": GPU_PAPER_BENCHMARKS, "tpu_aot": TPU_AOT_BENCHMARKS}
 DEFAULT_OUT = {"cpu": os.path.join("benchmarks", "out"),
-               "gpu_paper": os.path.join("benchmarks", "out_gpu")}
+               "gpu_paper": os.path.join("benchmarks", "out_gpu"),
+               "tpu_aot": os.path.join("benchmarks", "out_tpu_aot")}
 # The flag each benchmark takes for its JSON output.
 _JSON_FLAG = {"mmdit_step": "--json"}
 # Benchmarks that take --set config overrides.
@@ -113,6 +138,8 @@ def extra_arguments(name: str, suite: str, *, batch: int = 0, peak_flops: float 
     if peak_flops and module == "benchmarks.train_step":
       extra.append(f"--set=logging.peak_flops_per_device={peak_flops!r}")
     extra.extend(f"--set={item}" for item in overrides)
+  elif module == "psvae_jax.tools.aot":
+    extra.extend(f"--config.{item}" for item in overrides)
   return tuple(extra)
 
 
@@ -258,12 +285,29 @@ def paper_rows(results: dict[str, dict]) -> list[tuple[str, ...]]:
   return rows
 
 
+def tpu_aot_rows(results: dict[str, dict]) -> list[tuple[str, ...]]:
+  """One row per compiled step of the tpu_aot suite (per-chip figures, XLA's cost model)."""
+  rows = [("step", "slice", "mesh", "batch", "memory/chip", "fits", "XLA TFLOP", "analytic",
+           "est. s/step", "est. MFU", "compile")]
+  for name, r in results.items():
+    mesh = "x".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+    analytic = r.get("analytic_flops_per_chip")
+    rows.append((r["config"].split("/")[-1], r["topology"], mesh, str(r["batch_size"]),
+                 f"{r['total_gib']:.1f} GiB", "yes" if r["fits"] else "NO",
+                 f"{r['flops_per_chip'] / 1e12:.2f}",
+                 "-" if analytic is None else f"{analytic / 1e12:.2f}",
+                 f"{r['est_step_time_s']:.3f}", _fmt_fraction(r.get("est_mfu")),
+                 f"{r['compile_s']:.0f} s"))
+  return rows
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   """run.py's command line; unknown suites, benchmarks and misplaced flags are errors."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--suite", default="cpu", choices=list(SUITES),
                       help="cpu: vs the reference libraries, small sizes; gpu_paper: the "
-                      "paper-scale models on one accelerator")
+                      "paper-scale models on one accelerator; tpu_aot: TPU compiles of the "
+                      "paper presets (cost-model estimates)")
   parser.add_argument("--out", default="",
                       help=f"output folder (default by suite: {DEFAULT_OUT})")
   parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
@@ -279,8 +323,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="config override for the config-driven benchmarks (repeatable)")
   args = parser.parse_args(argv)
   benchmarks = SUITES[args.suite]
-  args.names = [n for n in args.only.split(",") if n] or list(benchmarks)
-  unknown = [n for n in args.names if n not in benchmarks]
+  # --only takes names or their leading words ('psvae' = psvae_v5p_8 and psvae_v5p_64).
+  wanted = [n for n in args.only.split(",") if n]
+  picks = lambda w: [n for n in benchmarks if n == w or n.startswith(w + "_")]
+  args.names = [n for n in benchmarks if any(n in picks(w) for w in wanted)] or list(benchmarks)
+  unknown = [w for w in wanted if not picks(w)]
   if unknown:
     parser.error(f"unknown benchmark(s) {unknown} in suite {args.suite!r}; known: "
                  f"{list(benchmarks)}")
@@ -308,6 +355,10 @@ def main(argv=None) -> int:
     machine = (f"{kind} ({backend}, {count} device(s) visible, 1 used), dense bf16 peak "
                f"{peak / 1e12:.0f} TFLOP/s" + (" (--peak_tflops)" if args.peak_tflops else
                                                 " (datasheet)"))
+  elif args.suite == "tpu_aot":
+    kind, peak = "TPU (compile only)", 0.0
+    machine = ("compiled on this host for TPU slices; times are XLA's cost-model estimates, "
+               "not measurements")
   else:
     import jax
 
@@ -328,6 +379,8 @@ def main(argv=None) -> int:
   cpu = None
   if args.suite == "gpu_paper":
     rows = paper_rows(results)
+  elif args.suite == "tpu_aot":
+    rows = tpu_aot_rows(results)
   else:
     peak = common_cpu_peak(peak, results)
     cpu = describe_cpu()

@@ -104,10 +104,7 @@ def run(config_spec: str, *, batch: int = 0, devices: int = 1, warmup: int = 2,
                                               num_batches=1, seed=config.seed)[0]
       prepared = task.prepare_batch(host_batch)
     step_batch = sharding.host_local_to_global(prepared, mesh)
-    step_fn = jax.jit(train.make_train_step(task, layout, config),
-                      in_shardings=(layout.state_shardings, layout.ema_shardings, None),
-                      out_shardings=(layout.state_shardings, layout.ema_shardings, None),
-                      donate_argnums=(0, 1))
+    step_fn = train.jit_train_step(task, layout, config)
     holder = {"state": state, "ema": ema}
 
     def one_step():

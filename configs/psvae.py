@@ -13,15 +13,19 @@ Expected (ImageNet val 256, paper Table): rFID 0.203, PSNR 28.79, LPIPS 0.085, S
 
 Presets: '' (paper, DINOv2-B/14-reg), 'siglip2' (SigLIP2-so400m/14, pixel weight 0.05),
 'smoke' (tiny random encoder, synthetic shapes, 64 px, CPU), 'toy' (second stage of the toy
-text-to-image chain: single-object scenes, 16x16x8 latent, L1 only; see configs/pipeline.py:toy).
+text-to-image chain: single-object scenes, 16x16x8 latent, L1 only; see configs/pipeline.py:toy),
+'tpu_v5p' / 'tpu_v6e' (the paper run on a TPU slice: bf16 compute; psvae_jax/tpu_presets.py),
+e.g. on a v5p-128 (64 chips): --config=configs/psvae.py:tpu_v5p --config.mesh.tensor=4.
 """
 import ml_collections
 
+from psvae_jax import tpu_presets
 from psvae_jax.config_base import base_config
 from psvae_jax.tasks import autoencoder_config
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
+  preset, tpu_chip = tpu_presets.split(preset)
   c = base_config("psvae")
   c.model = autoencoder_config.model_config()
   c.loss = autoencoder_config.loss_config()
@@ -68,4 +72,6 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/psvae.py; known: '', 'siglip2', "
                      "'smoke', 'toy'")
+  if tpu_chip:
+    tpu_presets.apply(c, tpu_chip)
   return c.lock()

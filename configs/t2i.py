@@ -35,10 +35,13 @@ Samples for your own prompts (one PNG; --prompts=FILE --out=DIR for one PNG per 
   python -m psvae_jax.tools.sample --workdir=/tmp/psvae/toy/t2i --prompt="a red circle" \
       --out=/tmp/psvae/red_circle.png
 
-Presets: '' (paper base, ~650M), 'large' (~1.7B), 'smoke' (CPU), 'toy' (CPU, scored).
+Presets: '' (paper base, ~650M), 'large' (~1.7B), 'smoke' (CPU), 'toy' (CPU, scored);
+'tpu_v5p', 'tpu_v6e', 'large_tpu_v5p', 'large_tpu_v6e': the paper base / large on a TPU slice
+(bf16 compute, batch 768, FSDP; psvae_jax/tpu_presets.py).
 """
 import ml_collections
 
+from psvae_jax import tpu_presets
 from psvae_jax.config_base import base_config
 from psvae_jax.tasks import autoencoder_config
 
@@ -111,6 +114,7 @@ def flow_config() -> ml_collections.ConfigDict:
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
+  preset, tpu_chip = tpu_presets.split(preset)
   c = base_config("t2i")
   c.model = model_config()
   c.flow = flow_config()
@@ -183,4 +187,6 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/t2i.py; known: '', 'large', "
                      "'smoke', 'toy'")
+  if tpu_chip:
+    tpu_presets.apply(c, tpu_chip)
   return c.lock()

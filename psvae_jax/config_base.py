@@ -31,7 +31,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.sample_every = 0  # 0 = only at the end (tasks without sampling ignore it)
   c.eval_batches = 4
   c.data = default_data_config()
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # dcn_data: slices the data axis spans (multi-slice TPU jobs; 1 = one slice).
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1})
   # Pretrained weights this stage starts from (a converted-weights dir or a previous stage's
   # workdir/checkpoint); only used when there is nothing to resume.
   c.init = ""

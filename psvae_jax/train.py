@@ -96,6 +96,15 @@ def make_train_step(task: Task, layout: ts.TrainSetup, config) -> Callable:
   return step_fn
 
 
+def jit_train_step(task: Task, layout: ts.TrainSetup, config) -> Callable:
+  """The step the loop runs: `make_train_step` jitted with the state's and EMA's shardings in
+  and out and both donated (updated in place). `tools.aot` lowers this same function."""
+  return jax.jit(make_train_step(task, layout, config),
+                 in_shardings=(layout.state_shardings, layout.ema_shardings, None),
+                 out_shardings=(layout.state_shardings, layout.ema_shardings, None),
+                 donate_argnums=(0, 1))
+
+
 def make_eval_step(task: Task, layout: ts.TrainSetup, config) -> Callable:
   """Pure `(state, ema, batch) -> metrics`, evaluating the EMA weights when they exist."""
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 0x7FFFFFFF)
@@ -289,10 +298,7 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
                checkpointer, logger, watch, peak) -> dict[str, Any]:
   from psvae_jax import data as data_lib
 
-  step_fn = jax.jit(make_train_step(task, layout, config),
-                    in_shardings=(layout.state_shardings, layout.ema_shardings, None),
-                    out_shardings=(layout.state_shardings, layout.ema_shardings, None),
-                    donate_argnums=(0, 1))
+  step_fn = jit_train_step(task, layout, config)
   eval_fn = jax.jit(make_eval_step(task, layout, config))
   # Held-out batches for eval and for the end-of-run samples (identical on every process).
   eval_batches = data_lib.make_eval_batches(

@@ -16,10 +16,7 @@ def _run_steps(config, devices, mesh_config, batch, steps):
     layout = ts.make_train_setup(task, config, mesh)
     state = ts.init_state(task, config, layout)
     ema = ts.init_ema(state, layout)
-    step = jax.jit(train_lib.make_train_step(task, layout, config),
-                   in_shardings=(layout.state_shardings, layout.ema_shardings, None),
-                   out_shardings=(layout.state_shardings, layout.ema_shardings, None),
-                   donate_argnums=(0, 1))
+    step = train_lib.jit_train_step(task, layout, config)
     losses = []
     for _ in range(steps):
       state, ema, metrics = step(state, ema, sharding.host_local_to_global(batch, mesh))

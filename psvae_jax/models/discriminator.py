@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from psvae_jax.sharding import IMAGE_AXES, constrain
+
 Dtype = Any
 
 
@@ -72,7 +74,8 @@ class NLayerDiscriminator(nnx.Module):
 
   def __call__(self, images: jax.Array, *, use_running_average: bool | None = None) -> jax.Array:
     """Patch logits. `use_running_average` overrides the train/eval mode for this call."""
-    x = nnx.leaky_relu(self.conv_in(images), 0.2)
+    x = nnx.leaky_relu(self.conv_in(constrain(images, IMAGE_AXES)), 0.2)
     for conv, norm in zip(self.convs, self.norms):
-      x = nnx.leaky_relu(norm(conv(x), use_running_average=use_running_average), 0.2)
+      x = nnx.leaky_relu(norm(conv(constrain(x, IMAGE_AXES)),
+                                use_running_average=use_running_average), 0.2)
     return self.conv_out(x).astype(jnp.float32)

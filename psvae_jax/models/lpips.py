@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from psvae_jax.sharding import IMAGE_AXES, constrain
+
 Dtype = Any
 
 # torchvision vgg16().features: conv widths per block; taps after each block's last ReLU.
@@ -55,7 +57,7 @@ class VGG16Features(nnx.Module):
       if b > 0:
         x = nnx.max_pool(x, (2, 2), strides=(2, 2))
       for _ in block:
-        x = nnx.relu(self.convs[i](x))
+        x = constrain(nnx.relu(self.convs[i](x)), IMAGE_AXES)
         i += 1
       taps.append(x)
     return taps
@@ -94,7 +96,7 @@ class LPIPS(nnx.Module):
                        f"and {y.shape}")
     batch = x.shape[0]
     both = (jnp.concatenate([x, y], axis=0).astype(jnp.float32) - SHIFT) / SCALE
-    taps = self.net(both.astype(self.dtype))
+    taps = self.net(constrain(both.astype(self.dtype), IMAGE_AXES))
     total = jnp.zeros((batch,), jnp.float32)
     for tap, head in zip(taps, self.heads()):
       f = _unit_normalise(tap.astype(jnp.float32))

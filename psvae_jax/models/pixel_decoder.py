@@ -32,7 +32,7 @@ from flax import nnx
 
 from psvae_jax.models import remat as remat_lib
 from psvae_jax.models.attention import dot_product_attention
-from psvae_jax.sharding import constrain
+from psvae_jax.sharding import IMAGE_AXES, constrain
 
 Dtype = Any
 
@@ -229,7 +229,7 @@ class PixelDecoder(nnx.Module):
     x = z
     if self.post_quant_conv is not None:
       x = self.post_quant_conv(x)
-    x = self.conv_in(x)
+    x = constrain(self.conv_in(x), IMAGE_AXES)
     x = self._run(self.mid_block, x)
     for up in self.up_blocks:
       for j, resnet in enumerate(up.resnets):
@@ -238,7 +238,7 @@ class PixelDecoder(nnx.Module):
           x = self._run(up.attentions[j], x)
       if up.upsampler is not None:
         x = self._run(up.upsampler, x)
-      x = constrain(x, ("batch", None, None, None))
+      x = constrain(x, IMAGE_AXES)
     return nnx.silu(self.conv_norm_out(x))
 
   def output_from_features(self, features: jax.Array,

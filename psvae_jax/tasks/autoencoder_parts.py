@@ -11,7 +11,8 @@ from flax import nnx
 
 from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax.config_base import ConfigError
-from psvae_jax.models import encoders, flops_conv, scan_layout
+from psvae_jax.models import encoders, scan_layout
+from psvae_jax.models import flops as flops_lib
 from psvae_jax.models.svae import SemanticVAE
 
 
@@ -98,51 +99,40 @@ def copy_encoder_blocks_into_svae(params: nnx.State, depth: int) -> nnx.State:
   return params
 
 
-def vit_forward_flops(width: int, depth: int, mlp_dim: int, tokens: int, *,
-                      gated: bool = False) -> float:
-  """Matmul FLOPs of `depth` pre-norm transformer blocks on `tokens` tokens (one example)."""
-  mlp_mats = 3 if gated else 2
-  per_layer = 2 * tokens * (4 * width * width + mlp_mats * width * mlp_dim)
-  per_layer += 2 * 2 * tokens * tokens * width  # q k^T and attn v
-  return float(depth * per_layer)
-
-
-def resize_flops(in_hw: tuple[int, int], out_hw: tuple[int, int], channels: int) -> float:
-  """The separable bicubic resize (`models.resize.resize_bicubic`, height first) of one image."""
-  (hi, wi), (ho, wo) = in_hw, out_hw
-  flops = 2 * ho * hi * wi * channels if hi != ho else 0
-  flops += 2 * wo * wi * ho * channels if wi != wo else 0
-  return float(flops)
-
-
 def _encoder_flops_parts(model_config, image_size: int) -> tuple[float, float, float]:
   """(bicubic resize, patch embedding, transformer) forward FLOPs on one image."""
   c = encoder_config(model_config)
   res = model_config.encoder_resolution
   tokens = (res // c.patch_size) ** 2
-  resize = resize_flops((image_size, image_size), (res, res), c.num_channels)
+  resize = flops_lib.resize_flops((image_size, image_size), (res, res), c.num_channels)
   patches = float(2 * tokens * c.patch_size**2 * c.num_channels * c.width)
-  blocks = vit_forward_flops(c.width, c.depth, c.mlp_dim, tokens + c.num_prefix_tokens,
+  blocks = flops_lib.vit_forward_flops(c.width, c.depth, c.mlp_dim, tokens + c.num_prefix_tokens,
                              gated=c.mlp_type == "swiglu")
   return resize, patches, blocks
 
 
-def encoder_forward_flops(model_config, image_size: int) -> float:
-  """The representation encoder on one `image_size` image: bicubic resize to
-  `encoder_resolution`, patch embedding and the transformer (prefix tokens included)."""
-  return sum(_encoder_flops_parts(model_config, image_size))
+def _svae_halves_flops(model_config) -> tuple[float, float]:
+  """(E_s, D_s) forward FLOPs, blocks and projection MLPs, on one example's feature grid."""
+  c = encoder_config(model_config)
+  tokens = (model_config.encoder_resolution // c.patch_size) ** 2
+  blocks = flops_lib.vit_forward_flops(c.width, model_config.svae_depth, c.mlp_dim, tokens,
+                                   gated=c.mlp_type == "swiglu")
+  c_lat = model_config.latent_channels
+  e_s = blocks + 2 * tokens * (c.width * c.width + c.width * 2 * c_lat)
+  d_s = blocks + 2 * tokens * (c_lat * c.width + c.width * c.width)
+  return e_s, d_s
 
 
 def svae_forward_flops(model_config) -> float:
   """E_s and D_s (blocks and projection MLPs) on one example's feature grid."""
-  c = encoder_config(model_config)
-  tokens = (model_config.encoder_resolution // c.patch_size) ** 2
-  blocks = 2 * vit_forward_flops(c.width, model_config.svae_depth, c.mlp_dim, tokens,
-                                 gated=c.mlp_type == "swiglu")
-  c_lat = model_config.latent_channels
-  projections = 2 * tokens * (c.width * c.width + c.width * 2 * c_lat  # E_s MLP
-                              + c_lat * c.width + c.width * c.width)  # D_s MLP
-  return blocks + projections
+  return sum(_svae_halves_flops(model_config))
+
+
+def latent_encoder_forward_flops(model_config) -> float:
+  """The latents of one image already at `encoder_resolution` (as the generator stages feed
+  it): patch embedding, the encoder's transformer and E_s."""
+  _, patches, blocks = _encoder_flops_parts(model_config, model_config.encoder_resolution)
+  return patches + blocks + _svae_halves_flops(model_config)[0]
 
 
 def autoencoder_train_flops(config, stage: str) -> float:
@@ -169,15 +159,15 @@ def autoencoder_train_flops(config, stage: str) -> float:
     # The teacher's forward; the encoder's backward (no gradient for the pixels themselves).
     flops += resize + patches + blocks + patches + 2 * blocks
   flops += 3 * svae_forward_flops(m)
-  body, out = flops_conv.pixel_decoder_config_flops(m.pixel_decoder, (grid, grid),
+  body, out = flops_lib.pixel_decoder_config_flops(m.pixel_decoder, (grid, grid),
                                                     z_channels=m.latent_channels)
   flops += 3 * (body + out)
   size = grid * 2 ** (len(m.pixel_decoder.ch_mult) - 1)
-  lpips = flops_conv.lpips_forward_flops(size, size) if lc.perceptual_weight > 0 else 0
+  lpips = flops_lib.lpips_forward_flops(size, size) if lc.perceptual_weight > 0 else 0
   flops += 2 * lpips
   d = m.discriminator
   if d.enabled:
-    disc = flops_conv.patchgan_forward_flops(size, size, ndf=d.ndf, n_layers=d.n_layers)
+    disc = flops_lib.patchgan_forward_flops(size, size, ndf=d.ndf, n_layers=d.n_layers)
     flops += 2 * (2 * out) + 2 * lpips + 2 * disc  # adaptive weight
     flops += 2 * disc  # generator term
     flops += 2 * 3 * disc  # discriminator on real and reconstructed images

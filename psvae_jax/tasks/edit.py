@@ -49,7 +49,8 @@ from psvae_jax import flow
 from psvae_jax.config_base import ConfigError
 from psvae_jax.data.errors import DataError
 from psvae_jax.models import mmdit
-from psvae_jax.models.flops import mmdit_train_flops
+from psvae_jax.models.flops import mmdit_train_flops, text_encoder_forward_flops
+from psvae_jax.tasks import autoencoder_parts
 from psvae_jax.tasks import t2i
 from psvae_jax.tasks.autoencoder import unit_range_to_uint8
 from psvae_jax.tasks.base import ParentRun
@@ -320,6 +321,6 @@ class EditTask(t2i.T2ITask):
     m = self.config.model
     tokens = (self.grid // m.patch_size) ** 2
     flops = float(mmdit_train_flops(self.generator, 1, m.max_text_len, source_tokens=tokens))
-    flops += t2i.text_encoder_forward_flops(t2i.text_encoder_config(m), m.max_text_len)
-    flops += 2 * t2i.latent_encoder_forward_flops(m.autoencoder)  # target and source
+    flops += text_encoder_forward_flops(t2i.text_encoder_config(m), m.max_text_len)
+    flops += 2 * autoencoder_parts.latent_encoder_forward_flops(m.autoencoder)  # target and source
     return flops

@@ -42,7 +42,7 @@ from psvae_jax.data.errors import DataError
 from psvae_jax.models import mmdit
 from psvae_jax.models import text_encoder as text_encoder_lib
 from psvae_jax.models.ddt_head import DDTHeadConfig
-from psvae_jax.models.flops import mmdit_train_flops
+from psvae_jax.models.flops import mmdit_train_flops, text_encoder_forward_flops
 from psvae_jax.tasks import autoencoder_parts
 from psvae_jax.tasks.autoencoder import pixel_decoder_from_config, unit_range_to_uint8
 from psvae_jax.tasks.base import ParentRun, Task
@@ -153,31 +153,6 @@ def flow_loss_per_example(model: T2IModel, x0, noise, t, states, mask) -> jax.Ar
   """Mean squared velocity error per example, (B,)."""
   v = velocity(model, flow.noisy_latents(x0, noise, t), t, states, mask)
   return jnp.mean(jnp.square(v - flow.velocity_target(x0, noise)), axis=(1, 2, 3))
-
-
-# --- FLOPs ---------------------------------------------------------------------------------
-
-def text_encoder_forward_flops(c: text_encoder_lib.TextEncoderConfig, tokens: int) -> float:
-  """Matmul FLOPs of the Qwen2 text encoder's forward on `tokens` tokens (one example)."""
-  q = c.num_heads * c.head_dim
-  kv = c.num_kv_heads * c.head_dim
-  per_layer = 2 * tokens * (c.width * (q + 2 * kv) + q * c.width + 3 * c.width * c.mlp_dim)
-  per_layer += 2 * 2 * tokens * tokens * q
-  return float(c.depth * per_layer)
-
-
-def latent_encoder_forward_flops(autoencoder_config) -> float:
-  """Representation encoder + E_s forward FLOPs per image."""
-  c = autoencoder_parts.encoder_config(autoencoder_config)
-  tokens = latent_grid(autoencoder_config) ** 2
-  gated = c.mlp_type == "swiglu"
-  flops = autoencoder_parts.vit_forward_flops(c.width, c.depth, c.mlp_dim, tokens + c.num_prefix_tokens,
-                                   gated=gated)
-  flops += 2 * tokens * c.patch_size ** 2 * c.num_channels * c.width
-  flops += autoencoder_parts.vit_forward_flops(c.width, autoencoder_config.svae_depth, c.mlp_dim, tokens,
-                                    gated=gated)
-  flops += 2 * tokens * (c.width * c.width + c.width * 2 * autoencoder_config.latent_channels)
-  return float(flops)
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -440,7 +415,7 @@ class T2ITask(Task):
     flops = float(mmdit_train_flops(self.generator, 1, m.max_text_len))
     if not m.cached_inputs:
       flops += text_encoder_forward_flops(text_encoder_config(m), m.max_text_len)
-      flops += latent_encoder_forward_flops(m.autoencoder)
+      flops += autoencoder_parts.latent_encoder_forward_flops(m.autoencoder)
     return flops
 
   def checkpoint_extras(self, model) -> dict:

@@ -3,8 +3,8 @@
   python -m psvae_jax.tools.aot --config=configs/<stage>.py[:preset] --topology=v5p:2x2x4 \
       [--config.a.b=value ...]
 
-The step is the one `train.py` runs (`train.make_train_step` on the layout and shardings of
-`train_state.make_train_setup`), jitted with the same shardings and donation and lowered on abstract
+The step is the one `train.py` runs (`train.jit_train_step` on the layout and shardings of
+`train_state.make_train_setup`: the same shardings and donation), lowered on abstract
 arguments (no memory is allocated, no TPU is needed: only `libtpu`'s compiler). Prints ONE JSON
 line with the per-chip memory XLA assigned (arguments, outputs, temporaries, aliased donations),
 the chip's HBM, whether it fits, and XLA's cost-model FLOPs and time estimate.
@@ -12,7 +12,8 @@ the chip's HBM, whether it fits, and XLA's cost-model FLOPs and time estimate.
 Topologies: `FAMILY:SHAPE` with FAMILY in v4, v5p, v5e (alias v5litepod), v6e and SHAPE the chip
 grid (AxBxC for v4/v5p, AxB for v5e/v6e), e.g. v4:2x2x2, v5p:2x2x4, v5e:4x4, v6e:2x4; or a Cloud
 accelerator type, e.g. v5p-32 (= v5p:2x2x4; v4/v5p count TensorCores, two per chip), v6e-16.
-The mesh comes from `config.mesh` (-1 = fill) over the slice's chips.
+The mesh comes from `config.mesh` (-1 = fill) over the slice's chips. Multi-slice: `--slices=N
+--config.mesh.dcn_data=N` compiles for N such slices joined by the data-centre network.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import math
 import os
 import re
 import sys
+import time
 from typing import Any
 
 from absl import app, flags
@@ -138,8 +140,9 @@ def libtpu_requirement() -> str:
   return "libtpu"
 
 
-def topology_devices(topology: Topology) -> list:
-  """The slice's compile-only TPU devices (one per chip) from libtpu; nothing is attached."""
+def topology_devices(topology: Topology, num_slices: int = 1) -> list:
+  """The compile-only TPU devices (one per chip) of `num_slices` such slices from libtpu;
+  nothing is attached."""
   if importlib.util.find_spec("libtpu") is None:
     import jax
     raise LibTpuMissing(
@@ -151,14 +154,15 @@ def topology_devices(topology: Topology) -> list:
   # AOT runs (or one beside a CPU training run) can share a machine.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    desc = topologies.get_topology_desc(topology.libtpu_name, "tpu", **topology.libtpu_kwargs())
+    desc = topologies.get_topology_desc(topology.libtpu_name, "tpu", num_slices=num_slices,
+                                        **topology.libtpu_kwargs())
   except Exception as e:  # libtpu reports bad layouts as JaxRuntimeError / RuntimeError
     raise TopologyError(f"--topology={topology.spec!r}: libtpu refused slice "
                         f"{topology.libtpu_name} {topology.libtpu_kwargs()}: {e}") from e
   devices = list(desc.devices)
-  if len(devices) != topology.chips:
+  if len(devices) != topology.chips * num_slices:
     raise TopologyError(f"--topology={topology.spec!r}: libtpu gave {len(devices)} devices for "
-                        f"{topology.chips} chips")
+                        f"{num_slices} x {topology.chips} chips")
   return devices
 
 
@@ -226,13 +230,8 @@ def compile_train_step(config, devices, example_source: str = ""):
     batch = abstract_batch(task, config, mesh, example_source)
   # Built outside the mesh context: it makes concrete host constants (the base RNG key), which
   # cannot be placed on compile-only devices.
-  step = train.make_train_step(task, layout, config)
+  step_fn = train.jit_train_step(task, layout, config)
   with jax.set_mesh(mesh):
-    # The same jit as train._run_steps: shardings in and out, state and EMA donated.
-    step_fn = jax.jit(step,
-                      in_shardings=(layout.state_shardings, layout.ema_shardings, None),
-                      out_shardings=(layout.state_shardings, layout.ema_shardings, None),
-                      donate_argnums=(0, 1))
     compiled = step_fn.lower(layout.abstract_state, layout.abstract_ema, batch).compile()
   return compiled, mesh, task
 
@@ -262,7 +261,8 @@ def fit_report(config, config_spec: str, topology: Topology, compiled, mesh, tas
       "topology": topology.spec,
       "libtpu_topology": topology.libtpu_name,
       "chip": topology.chip.family,
-      "chips": topology.chips,
+      "chips": mesh.size,
+      "slices": mesh.size // topology.chips,
       "mesh": dict(mesh.shape),
       "batch_size": config.batch_size,
       "compute_dtype": config.compute_dtype,
@@ -286,7 +286,11 @@ def fit_report(config, config_spec: str, topology: Topology, compiled, mesh, tas
   }
   analytic = task.flops_per_example()
   if analytic:
-    report["analytic_flops_per_chip"] = analytic * config.batch_size / topology.chips
+    report["analytic_flops_per_chip"] = analytic * config.batch_size / mesh.size
+    seconds = report["est_step_time_s"]
+    # Estimated MFU: the useful (analytic) FLOPs in the cost model's time at the bf16 peak.
+    report["est_mfu"] = (report["analytic_flops_per_chip"] / seconds /
+                         topology.chip.peak_bf16_flops) if seconds else None
   return report
 
 
@@ -301,6 +305,12 @@ def define_flags() -> None:
       "config", None, "Stage config file[:preset].", lock_config=True)
   _FLAGS["topology"] = flags.DEFINE_string(
       "topology", None, "TPU slice, e.g. v5p:2x2x4, v5e:4x4, v6e-8.")
+  _FLAGS["slices"] = flags.DEFINE_integer(
+      "slices", 1, "Number of such slices (multi-slice job; set --config.mesh.dcn_data to it).")
+  _FLAGS["out"] = flags.DEFINE_string("out", "", "Also write the JSON report to this file.")
+  _FLAGS["breakdown"] = flags.DEFINE_bool(
+      "breakdown", False, "Add the per-source FLOPs and collective bytes of the compiled HLO "
+      "(psvae_jax.tools.hlo_breakdown) to the report.")
   _FLAGS["margin"] = flags.DEFINE_float(
       "margin", 0.05, "Fraction of HBM kept free when deciding `fits`.")
   _FLAGS["example_source"] = flags.DEFINE_string(
@@ -327,13 +337,23 @@ def main(argv):
   config = _FLAGS["config"].value
   try:
     topology = parse_topology(_FLAGS["topology"].value)
-    devices = topology_devices(topology)
+    devices = topology_devices(topology, _FLAGS["slices"].value)
+    start = time.perf_counter()
     compiled, mesh, task = compile_train_step(config, devices, _FLAGS["example_source"].value)
+    compile_s = time.perf_counter() - start
   except (TopologyError, LibTpuMissing, MeshError, ConfigError) as e:
     sys.exit(f"error: {e}")
   report = fit_report(config, _config_spec(sys.argv), topology, compiled, mesh, task,
                       _FLAGS["margin"].value)
-  print(json.dumps(report), flush=True)
+  report["compile_s"] = round(compile_s, 1)
+  if _FLAGS["breakdown"].value:
+    from psvae_jax.tools import hlo_breakdown
+    report["breakdown"] = hlo_breakdown.breakdown(compiled.as_text())
+  line = json.dumps(report)
+  print(line, flush=True)
+  if _FLAGS["out"].value:
+    with open(_FLAGS["out"].value, "w") as f:
+      f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Analytic FLOP counts of the autoencoder networks and training steps (psvae_jax.models.
-flops_conv, tasks.autoencoder_parts.autoencoder_train_flops) and of the T2I step against XLA's HLO cost
+"""Analytic FLOP counts of the autoencoder networks and training steps (psvae_jax.models.flops,
+tasks.autoencoder_parts.autoencoder_train_flops) and of the T2I step against XLA's HLO cost
 analysis of the lowered (not compiled) computation.
 
 Tolerance: the analytic counts include only matmuls and convolutions; XLA also counts every
@@ -19,7 +19,7 @@ from helpers.configs import tiny_svae_config
 from psvae_jax import sharding, train
 from psvae_jax import train_state as ts
 from psvae_jax.config_loader import load_config
-from psvae_jax.models import flops_conv
+from psvae_jax.models import flops as flops_lib
 from psvae_jax.models.discriminator import NLayerDiscriminator
 from psvae_jax.models.lpips import LPIPS
 from psvae_jax.models.pixel_decoder import PixelDecoder
@@ -48,14 +48,14 @@ def split_abstract(build):
 
 
 def test_conv_taps_count_only_taps_inside_the_input():
-  assert flops_conv.conv_taps(4, 3) == (4, 10)  # border outputs see 2 of 3 rows
-  assert flops_conv.conv_taps(4, 1) == (4, 4)
-  assert flops_conv.conv_taps(8, 4, stride=2, pad=1) == (4, 14)  # PatchGAN's strided conv
-  assert flops_conv.conv_taps(4, 4, stride=1, pad=1) == (3, 10)
-  flops, h, w = flops_conv.conv2d_flops(256, 256, 64, 64, 3)
+  assert flops_lib.conv_taps(4, 3) == (4, 10)  # border outputs see 2 of 3 rows
+  assert flops_lib.conv_taps(4, 1) == (4, 4)
+  assert flops_lib.conv_taps(8, 4, stride=2, pad=1) == (4, 14)  # PatchGAN's strided conv
+  assert flops_lib.conv_taps(4, 4, stride=1, pad=1) == (3, 10)
+  flops, h, w = flops_lib.conv2d_flops(256, 256, 64, 64, 3)
   assert (h, w) == (256, 256) and 0.99 < flops / (2 * 256 * 256 * 9 * 64 * 64) < 1
   with pytest.raises(ValueError, match="no output"):
-    flops_conv.conv_taps(2, 4, stride=1, pad=0)
+    flops_lib.conv_taps(2, 4, stride=1, pad=0)
 
 
 @pytest.mark.parametrize("post_quant, mid_attention", [(False, True), (True, False)])
@@ -67,16 +67,16 @@ def test_pixel_decoder_forward(post_quant, mid_attention):
       kw["attn_resolutions"], kw["resolution"], use_post_quant_conv=post_quant,
       mid_attention=mid_attention, norm_groups=8, rngs=nnx.Rngs(0)))
   measured = xla_flops(lambda p, z: nnx.merge(graph, p, rest)(z), params, spec(2, 8, 8, 8))
-  body, out = flops_conv.pixel_decoder_forward_flops((8, 8), **kw)
+  body, out = flops_lib.pixel_decoder_forward_flops((8, 8), **kw)
   assert_close_below(2 * (body + out), measured)
-  assert out == flops_conv.conv2d_flops(32, 32, 16, 3, 3)[0]
+  assert out == flops_lib.conv2d_flops(32, 32, 16, 3, 3)[0]
 
 
 def test_lpips_forward_and_image_gradient():
   graph, params, rest = split_abstract(lambda: LPIPS(rngs=nnx.Rngs(0)))
   lpips = lambda p, x, y: nnx.merge(graph, p, rest)(x, y)
   x = spec(2, 32, 32, 3)
-  forward = flops_conv.lpips_forward_flops(32, 32)
+  forward = flops_lib.lpips_forward_flops(32, 32)
   assert_close_below(2 * forward, xla_flops(lpips, params, x, x))
   # Frozen weights (the training step's case): the gradient to the images costs one forward.
   grad = jax.grad(lambda p, x, y: jnp.sum(lpips(p, x, y)), argnums=2)
@@ -88,11 +88,11 @@ def test_patchgan_forward_and_training_gradient():
   # rest (batch statistics) rebuilt in the current trace: BatchNorm updates it.
   disc = lambda p, x, rest: jnp.sum(nnx.merge(graph, p, jax.tree.map(lambda a: a, rest))(x))
   x = spec(4, 32, 32, 3)
-  forward = flops_conv.patchgan_forward_flops(32, 32, ndf=16, n_layers=3)
+  forward = flops_lib.patchgan_forward_flops(32, 32, ndf=16, n_layers=3)
   assert_close_below(4 * forward, xla_flops(disc, params, x, rest))
   # Weight gradients with the images fixed: backward = 2x forward less the first layer's input
   # gradient (not needed), which the 3x count includes.
-  first = flops_conv.conv2d_flops(32, 32, 3, 16, 4, stride=2, pad=1)[0]
+  first = flops_lib.conv2d_flops(32, 32, 3, 16, 4, stride=2, pad=1)[0]
   assert_close_below(4 * (3 * forward - first), xla_flops(jax.grad(disc), params, x, rest))
 
 

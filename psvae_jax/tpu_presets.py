@@ -1,0 +1,47 @@
+"""Settings for launching the paper configs on TPU slices: presets `tpu_v5p` and `tpu_v6e`
+(`configs/psvae.py:tpu_v5p`, `configs/t2i.py:tpu_v6e`, `configs/t2i.py:large_tpu_v5p`, ...).
+
+Every TPU preset computes in bfloat16 with float32 master weights and optimizer state (the
+MXU's native input type; float32 matmuls take several passes). Per stage and chip:
+  psvae  no remat (the paper batch fits with room to spare on v5p and v6e). On 64 chips batch
+         96 does not divide by the chip count: add --config.mesh.tensor=4 (16-way data x
+         4-way tensor; the conv networks then split image rows over `tensor`).
+  t2i    global batch 768 (the paper's 730 rounded up to divide 8..256-way data parallelism),
+         FSDP over every chip (the generator's float32 state is then spread, not copied);
+         remat: none on v5p (95 GiB HBM), 'dots' on v6e (32 GiB HBM: keep matmul outputs,
+         recompute the rest).
+Layer scan stays off: it shortens compilation, not the step, and the loss of unrolled blocks is
+what the measurements in benchmarks/RESULTS.md (tpu_aot) are for. Attention runs 'xla';
+select the Pallas kernel with --config.attention_impl=splash where it is available.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+CHIPS = ("v5p", "v6e")
+_T2I_REMAT = {"v5p": "", "v6e": "dots"}
+
+
+def split(preset: str) -> tuple[str, str]:
+  """'large_tpu_v5p' -> ('large', 'v5p'); 'tpu_v6e' -> ('', 'v6e'); other presets -> (preset, '')."""
+  base, sep, chip = preset.rpartition("tpu_")
+  if not sep or (base and not base.endswith("_")):
+    return preset, ""
+  if chip not in CHIPS:
+    raise ValueError(f"unknown TPU preset {preset!r}: the chip must be one of {CHIPS}")
+  return base.removesuffix("_"), chip
+
+
+def apply(c: ml_collections.ConfigDict, chip: str) -> None:
+  """Sets config `c` (a psvae or t2i config) up for `chip` (see the module docstring)."""
+  if chip not in CHIPS:
+    raise ValueError(f"unknown TPU chip {chip!r}; known: {CHIPS}")
+  c.compute_dtype = "bfloat16"
+  if c.task == "psvae":
+    c.model.remat = False
+  elif c.task == "t2i":
+    c.batch_size = 768
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.model.remat_policy = _T2I_REMAT[chip]
+  else:
+    raise ValueError(f"no TPU preset for task {c.task!r}")

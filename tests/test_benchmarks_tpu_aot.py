@@ -1,0 +1,58 @@
+"""The tpu_aot suite's selection and table, and the TPU presets of the paper configs (no compile)."""
+import importlib.util
+
+import pytest
+
+from benchmarks import run
+from psvae_jax import tpu_presets
+
+
+def test_only_selects_by_name_or_leading_words():
+  assert run.parse_args(["--suite=tpu_aot", "--only=psvae"]).names == ["psvae_v5p_8",
+                                                                       "psvae_v5p_64"]
+  assert run.parse_args(["--suite=tpu_aot", "--only=t2i_large"]).names == [
+      "t2i_large_v5p_16", "t2i_large_v5p_64"]
+  with pytest.raises(SystemExit):
+    run.parse_args(["--suite=tpu_aot", "--only=svae"])
+
+
+def test_set_becomes_config_overrides():
+  extra = run.extra_arguments("t2i_v5p_16", "tpu_aot", overrides=("attention_impl=splash",))
+  assert extra == ("--config.attention_impl=splash",)
+
+
+def test_table_row():
+  report = {"config": "configs/psvae.py:tpu_v5p", "topology": "v5p:2x2x2",
+            "mesh": {"data": 8, "fsdp": 1, "tensor": 1}, "batch_size": 96, "total_gib": 20.25,
+            "fits": True, "flops_per_chip": 17.0e12, "analytic_flops_per_chip": 16.6e12,
+            "est_step_time_s": 0.1, "est_mfu": 0.3616, "compile_s": 312.0}
+  assert run.tpu_aot_rows({"psvae_v5p_8": report})[1] == (
+      "psvae.py:tpu_v5p", "v5p:2x2x2", "8x1x1", "96", "20.2 GiB", "yes", "17.00", "16.60",
+      "0.100", "36.2%", "312 s")
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("tpu_v5p", ("", "v5p")), ("large_tpu_v6e", ("large", "v6e")), ("large", ("large", "")),
+    ("smoke", ("smoke", ""))])
+def test_preset_split(preset, expected):
+  assert tpu_presets.split(preset) == expected
+
+
+def test_unknown_tpu_chip_is_an_error():
+  with pytest.raises(ValueError, match="v5p"):
+    tpu_presets.split("tpu_v4")
+
+
+def _config(path, preset):
+  spec = importlib.util.spec_from_file_location("config_under_test", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def test_presets_set_bf16_and_keep_the_base_preset():
+  c = _config("configs/t2i.py", "large_tpu_v6e")
+  assert (c.compute_dtype, c.model.generator, c.batch_size, c.model.remat_policy) == (
+      "bfloat16", "large", 768, "dots")
+  c = _config("configs/psvae.py", "tpu_v5p")
+  assert (c.compute_dtype, c.batch_size, c.model.remat) == ("bfloat16", 96, False)
