@@ -115,12 +115,6 @@ def _encoder_flops_parts(model_config, image_size: int) -> tuple[float, float, f
   return resize, patches, blocks
 
 
-def encoder_forward_flops(model_config, image_size: int) -> float:
-  """The representation encoder on one `image_size` image: bicubic resize to
-  `encoder_resolution`, patch embedding and the transformer (prefix tokens included)."""
-  return sum(_encoder_flops_parts(model_config, image_size))
-
-
 def svae_forward_flops(model_config) -> float:
   """E_s and D_s (blocks and projection MLPs) on one example's feature grid."""
   c = encoder_config(model_config)
