@@ -38,6 +38,7 @@ from typing import Iterator
 
 from absl import app, flags
 
+from psvae_jax.tools import cli, files
 from psvae_jax.tools import edit as edit_tool
 
 TASK_TYPES = ("background_change", "color_alter", "material_alter", "motion_change", "ps_human",
@@ -204,8 +205,7 @@ def run_gedit(workdir: str, bench: str, out: str, *, subtasks: str = "paper",
         seed=seed + i // batch_size, batch_size=batch_size, **sampling)
     for record, image in zip(part, edited):
       path = output_path(out, record)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      image.save(path, format="PNG")
+      files.write_png(path, np.asarray(image))
   counts = collections.Counter(f"{r['task_type']}/{r['instruction_language']}" for r in records)
   summary = {"workdir": workdir, "step": extras["step"], "bench": bench,
              "out": os.path.join(out, "fullset"),
@@ -215,9 +215,7 @@ def run_gedit(workdir: str, bench: str, out: str, *, subtasks: str = "paper",
              "model_size": config.data.image_size,
              **edit_tool.sampling_used(config, sampling),
              "seconds": round(time.time() - start, 1)}
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "gedit_summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  files.write_json(os.path.join(out, "gedit_summary.json"), summary)
   return summary
 
 
@@ -238,12 +236,9 @@ def define_flags(flag_values=flags.FLAGS) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   v = flags.FLAGS
-  for name in ("workdir", "bench", "out"):
-    if v[name].value is None:
-      raise app.UsageError(f"--{name} is required")
+  cli.require_flags(v, "workdir", "bench", "out")
   try:
     summary = run_gedit(v.workdir, v.bench, v.out, subtasks=v.subtasks, languages=v.languages,
                         batch_size=v.batch_size, fit=v.fit, seed=v.seed, overwrite=v.overwrite,
