@@ -2,26 +2,18 @@
 import jax
 import numpy as np
 
-from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import sharding
 from psvae_jax import train as train_lib
 from psvae_jax import train_state as ts
 from psvae_jax.config_loader import set_by_path
 from psvae_jax.tasks import get_task
 
+from tools.t2i_run import read_run
+
 
 def _params(config, workdir):
-  task = get_task(config)
-  mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh):
-    layout = ts.make_train_setup(task, config, mesh)
-    reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False)
-    step = reader.latest_step()
-    restored = reader.restore(step, abstract_state=layout.abstract_state,
-                              abstract_ema=layout.abstract_ema)
-    reader.close()
-  state = jax.device_get(restored["state"])
-  merged = ts.all_params(state).to_pure_dict()
+  step, restored = read_run(workdir, config, sharding.make_mesh(config.mesh))
+  merged = ts.all_params(restored["state"]).to_pure_dict()
   return step, merged, restored.get("extras", {})
 
 

@@ -64,3 +64,19 @@ def write_run(workdir: str, config):
                 extras={"latent_stats": stats})
     writer.close()
   return config
+
+
+def read_run(workdir: str, config, mesh=None) -> tuple[int, dict]:
+  """(latest step, {'state': ..., 'ema': ..., 'extras': ...} as host arrays) of a run of
+  `config`, read with the project's own Checkpointer from the task's layout onto `mesh`
+  (default: one device)."""
+  task = get_task(config)
+  mesh = mesh or sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    layout = ts.make_train_setup(task, config, mesh)
+    reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False)
+    step = reader.latest_step()
+    restored = reader.restore(step, abstract_state=layout.abstract_state,
+                              abstract_ema=layout.abstract_ema)
+    reader.close()
+  return step, jax.device_get(restored)
