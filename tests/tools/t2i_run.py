@@ -1,11 +1,15 @@
 """Tiny T2I and PS-VAE runs' workdirs, written as finished runs leave them (config, state, EMA,
 latent statistics) from the tasks' own layouts with random host-side values: compiling a
-training step here would dominate the tool tests that only read a run."""
+training step here would dominate the tool tests that only read a run. Also the fixtures the
+tool tests share (import them into a test module by name)."""
 import jax
 import numpy as np
+import pytest
+from absl import flags
 
 from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import sharding
+from psvae_jax import train as train_lib
 from psvae_jax import train_state as ts
 from psvae_jax.config_base import to_json
 from psvae_jax.config_loader import load_config, set_by_path
@@ -80,3 +84,34 @@ def read_run(workdir: str, config, mesh=None) -> tuple[int, dict]:
                               abstract_ema=layout.abstract_ema)
     reader.close()
   return step, jax.device_get(restored)
+
+
+
+@pytest.fixture(scope="module")
+def t2i_run(tmp_path_factory):
+  """A fake finished T2I run's workdir (see t2i_run.py), written once per test module."""
+  workdir = str(tmp_path_factory.mktemp("t2i_run"))
+  write_t2i_run(workdir)
+  return workdir
+
+
+@pytest.fixture
+def tiny_run(tmp_path_factory, svae_config):
+  """A 2-step tiny S-VAE run (EMA kept), trained once per session on one device."""
+  workdir = tmp_path_factory.getbasetemp() / "tools_tiny_svae"
+  if not (workdir / "checkpoints" / "2").is_dir():
+    train_lib.train(svae_config(**{"total_steps": 2}), str(workdir), devices=jax.devices()[:1])
+  return str(workdir)
+
+
+@pytest.fixture
+def parse_flags():
+  """parse(tool_module, argv) -> the tool's own FlagValues, parsed from `argv`."""
+
+  def parse(tool, argv):
+    values = flags.FlagValues()
+    tool.define_flags(values)
+    values([tool.__name__.rsplit(".", 1)[-1], *argv])
+    return values
+
+  return parse

@@ -13,7 +13,7 @@ from psvae_jax.tasks import get_task
 from psvae_jax.tools import cache_latents
 from psvae_jax.tools.restore_run import default_mesh, load_run_model
 
-from t2i_run import write_run
+from t2i_run import write_run, t2i_run, parse_flags  # noqa: F401 (fixtures)
 
 ONE = jax.devices()[:1]
 

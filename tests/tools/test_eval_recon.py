@@ -12,6 +12,8 @@ from psvae_jax.data import make_eval_batches
 from psvae_jax.tools import eval_recon
 from psvae_jax.tools.restore_run import default_mesh, load_run_model, run_config
 
+from t2i_run import tiny_run, parse_flags  # noqa: F401 (fixtures)
+
 
 def test_metrics_json_and_grid(tiny_run, tmp_path, parse_flags):
   out = tmp_path / "eval" / "recon.json"

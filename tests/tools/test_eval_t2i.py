@@ -11,7 +11,7 @@ from psvae_jax.data import synthetic
 from psvae_jax.tools import eval_t2i
 from psvae_jax.tools.restore_run import run_config
 
-from t2i_run import STEP
+from t2i_run import STEP, t2i_run, parse_flags  # noqa: F401 (fixtures)
 
 
 def test_prompts_use_the_world_caption_format():

@@ -1,7 +1,11 @@
 """linear_probe on a tiny trained S-VAE: latents of labelled images -> top-1/top-5 JSON."""
 import json
 
+import pytest
+
 from psvae_jax.tools import linear_probe
+
+from t2i_run import tiny_run, parse_flags  # noqa: F401 (fixtures)
 
 
 def test_probe_json(tiny_run, tmp_path, parse_flags):

@@ -11,6 +11,8 @@ from PIL import Image
 from psvae_jax.tools import sample_bench
 from psvae_jax.tools.restore_run import default_mesh
 
+from t2i_run import t2i_run  # noqa: F401 (fixtures)
+
 ONE = default_mesh(jax.devices()[:1])
 
 

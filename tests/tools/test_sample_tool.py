@@ -12,7 +12,7 @@ from PIL import Image
 from psvae_jax.tools import sample
 from psvae_jax.tools.restore_run import default_mesh
 
-from t2i_run import STEP, write_run
+from t2i_run import STEP, write_run, t2i_run, parse_flags  # noqa: F401 (fixtures)
 
 ONE = default_mesh(jax.devices()[:1])
 
