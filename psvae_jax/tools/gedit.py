@@ -36,6 +36,7 @@ import os
 import time
 from typing import Iterator
 
+import numpy as np
 from absl import app, flags
 
 from psvae_jax.tools import cli, files
