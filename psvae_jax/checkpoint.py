@@ -23,8 +23,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from psvae_jax import checkpoint_checksums as checksums
+from psvae_jax.tree_paths import flatten_dotted
 
-ITEMS = ("state", "ema", "data", "config", "extras")
 PYTREE_ITEMS = ("state", "ema")
 # Orbax's name for a step directory still being written ('<step>.orbax-checkpoint-tmp...').
 UNFINISHED_MARKER = ".orbax-checkpoint-tmp"
@@ -424,10 +424,6 @@ def _first_line(error: BaseException, limit: int = 400) -> str:
   return line if len(line) <= limit else line[:limit] + "..."
 
 
-def _key_names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def tree_mismatches(item_dir: str, abstract_tree, label: str, *, strict: bool = False) -> list[str]:
   """Human-readable differences between a stored PyTree item and the tree a run expects:
   entries missing from the checkpoint, entries the model does not have, and shape changes.
@@ -440,11 +436,9 @@ def tree_mismatches(item_dir: str, abstract_tree, label: str, *, strict: bool = 
     return [f"{label}: metadata unreadable ({e})"]
   if strict and not jax.tree_util.tree_leaves(stored):
     raise ValueError(f"{item_dir}: metadata lists no arrays")
-  shapes = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]:
-    shapes[".".join(_key_names(path))] = tuple(getattr(leaf, "shape", ()) or ())
-  wanted = {".".join(_key_names(path)): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]}
+  shapes = {name: tuple(getattr(leaf, "shape", ()) or ())
+            for name, leaf in flatten_dotted(stored).items()}
+  wanted = {name: tuple(leaf.shape) for name, leaf in flatten_dotted(abstract_tree).items()}
   out = [f"{label}: {name}: checkpoint {shapes[name]} vs model {shape}"
          for name, shape in wanted.items() if name in shapes and shapes[name] != shape]
   out += [f"{label}: missing in checkpoint: {name}" for name in wanted if name not in shapes]

@@ -6,18 +6,13 @@ optimizer here only ever sees trainable parameters.
 from __future__ import annotations
 
 import re
-from typing import Sequence
 
 import jax
 import ml_collections
 import optax
 
 from psvae_jax.config_base import ConfigError
-
-
-def path_str(path: Sequence) -> str:
-  """Dotted name of an NNX/pytree path, e.g. ('encoder', 'blocks', 0, 'kernel') -> 'encoder.blocks.0.kernel'."""
-  return ".".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
+from psvae_jax.tree_paths import path_str
 
 
 def compile_regex(pattern: str, key: str) -> re.Pattern | None:

@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from psvae_jax import sharding
-from psvae_jax.optim import build_optimizer, compile_regex, path_str
+from psvae_jax.optim import build_optimizer, compile_regex
 from psvae_jax.tasks.base import Task
+from psvae_jax.tree_paths import path_keys, path_str
 
 
 def frozen_filter(patterns: list[re.Pattern]) -> Callable:
@@ -128,10 +129,6 @@ def make_train_setup(task: Task, config, mesh: Mesh) -> TrainSetup:
   return TrainSetup(graphdef, filters, tx, abstract_state, abstract_ema, state_sh, ema_sh)
 
 
-def _keys(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def _optimizer_shardings(abstract_opt, params, param_sh, mesh: Mesh):
   """Optimizer leaves shard like the parameter they mirror; everything else is replicated.
 
@@ -141,11 +138,11 @@ def _optimizer_shardings(abstract_opt, params, param_sh, mesh: Mesh):
   by_path = {}
   for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                               jax.tree.leaves(param_sh)):
-    by_path[_keys(path)] = (leaf.shape, sh)
+    by_path[path_keys(path)] = (leaf.shape, sh)
   replicated = sharding.replicated(mesh)
 
   def assign(path, leaf):
-    keys = _keys(path)
+    keys = path_keys(path)
     for i in range(len(keys)):
       match = by_path.get(keys[i:])
       if match is not None and match[0] == leaf.shape:
@@ -192,7 +189,3 @@ def split_params(layout: TrainSetup, merged: nnx.State):
   """Inverse of `all_params`: splits a full Param state back into (trainable, frozen)."""
   trainable, frozen = layout.filters[0], layout.filters[1]
   return merged.filter(trainable), merged.filter(frozen)
-
-
-def param_shardings(layout: TrainSetup) -> nnx.State:
-  return nnx.merge_state(layout.state_shardings["params"], layout.state_shardings["frozen"])

@@ -310,5 +310,5 @@ def test_nonfinite_step_is_skipped_when_configured(tmp_path, toy):
   summary = train_lib.train(config, workdir)
   assert summary["final_step"] == 4 and summary["last_metrics"]["skipped_steps"] == 1
   _, arrays = restore_all(workdir)
-  assert int(arrays["state/['skipped']"]) == 1
+  assert int(arrays["state/skipped"]) == 1
   assert all(np.isfinite(v).all() for k, v in arrays.items() if k != "data")

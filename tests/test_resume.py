@@ -9,21 +9,12 @@ import pytest
 from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import sharding
 from psvae_jax import train as train_lib
-from psvae_jax import train_state as ts
-from psvae_jax.tasks import get_task
+
+from helpers.runs import read_run
 
 
 def _final_state(config, workdir):
-  task = get_task(config)
-  mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh):
-    layout = ts.make_train_setup(task, config, mesh)
-    ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False)
-    step = ckpt.latest_step()
-    restored = ckpt.restore(step, abstract_state=layout.abstract_state,
-                            abstract_ema=layout.abstract_ema)
-    ckpt.close()
-  return step, jax.device_get(restored)
+  return read_run(workdir, config, sharding.make_mesh(config.mesh))
 
 
 def _metrics(workdir):

@@ -28,7 +28,6 @@ from flax import nnx
 Dtype = Any
 
 FID_INPUT_SIZE = 299
-FEATURE_DIM = 2048
 
 
 @functools.lru_cache(maxsize=64)

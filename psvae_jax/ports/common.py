@@ -13,6 +13,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 from flax import nnx
 
+from psvae_jax.tree_paths import path_str
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
@@ -135,10 +137,6 @@ class TensorPool:
     return sorted(set(self.tensors) - self.used)
 
 
-def _path_str(path) -> str:
-  return ".".join(str(getattr(p, "key", p)) for p in path)
-
-
 def assign(module: nnx.Module, targets: Mapping[str, np.ndarray | None], pool: TensorPool,
            *, what: str) -> None:
   """Writes `targets` (dotted NNX param path -> array) into `module`'s nnx.Param variables.
@@ -147,7 +145,7 @@ def assign(module: nnx.Module, targets: Mapping[str, np.ndarray | None], pool: T
   without a value, every target not in the module, every shape mismatch and every source tensor
   left unused.
   """
-  params = {_path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+  params = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
   problems = []
   if pool.missing:
     problems.append(f"missing in {pool.source}: {_preview(sorted(set(pool.missing)))}")

@@ -20,18 +20,11 @@ from flax import nnx
 from psvae_jax.models.encoders import EncoderConfig, VisionEncoder
 from psvae_jax.models.text_encoder import TextEncoder, TextEncoderConfig
 from psvae_jax.ports.common import WeightLoadError, read_json
+from psvae_jax.tree_paths import flatten_dotted, path_str
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "port_config.json"
 PARAMS_NAME = "params"
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-  """{dotted path: leaf} of a nested dict (keys stringified, so int list indices match)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    out[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
-  return out
 
 
 def _stack_name(config) -> str:
@@ -94,9 +87,9 @@ def restore_params(module: VisionEncoder | TextEncoder, directory: str, *,
     raise WeightLoadError(f"{directory}: no '{PARAMS_NAME}' checkpoint found")
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(path).item_metadata
-  stored = _flat(getattr(metadata, "tree", metadata))
+  stored = flatten_dotted(getattr(metadata, "tree", metadata))
   param_state = nnx.state(module, nnx.Param)
-  expected = _flat(param_state.to_pure_dict())
+  expected = flatten_dotted(param_state.to_pure_dict())
   scanned = _is_scanned(module)
   if scanned:
     stored_shapes = _stacked_shapes(stored, _stack_name(module.config), module.config.depth)
@@ -118,15 +111,15 @@ def restore_params(module: VisionEncoder | TextEncoder, directory: str, *,
     raise WeightLoadError(f"cannot restore {path}:\n  " + "\n  ".join(problems))
 
   if shardings is not None:
-    shardings = _flat(nnx.to_pure_dict(shardings(param_state)))
+    shardings = flatten_dotted(nnx.to_pure_dict(shardings(param_state)))
   if scanned:
-    restored = _flat(checkpointer.restore(path, _abstract(stored, None)))
+    restored = flatten_dotted(checkpointer.restore(path, _abstract(stored, None)))
     restored = _stack_flat(restored, _stack_name(module.config), module.config.depth)
     if shardings is not None:
       restored = {k: jax.device_put(v, shardings[k]) for k, v in restored.items()}
   else:
     target = _abstract(stored, shardings)
-    restored = _flat(checkpointer.restore(path, target))
+    restored = flatten_dotted(checkpointer.restore(path, target))
   for key, variable in _flat_vars(param_state).items():
     value = restored[key]
     variable.set_value(value.astype(variable.get_value().dtype))
@@ -146,7 +139,7 @@ def _abstract(stored: dict, shardings: dict | None) -> dict:
 
 
 def _flat_vars(state: nnx.State) -> dict[str, nnx.Variable]:
-  return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
+  return {path_str(path): v for path, v in nnx.to_flat_state(state)}
 
 
 def _is_scanned(module) -> bool:

@@ -15,7 +15,6 @@ built abstractly (no random init) and its parameters are host numpy arrays: plac
 """
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from typing import Any, Callable
@@ -24,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from psvae_jax.ports import diffusers_sd3
 from psvae_jax.ports.common import (TensorPool, WeightLoadError, assign, read_json,
                                     read_safetensors)
+from psvae_jax.tree_paths import path_str
 
 Dtype = Any
 
@@ -44,7 +45,7 @@ def _load_autoencoder_kl(path: str, config: dict, tensors: dict[str, np.ndarray]
   params = nnx.to_flat_state(nnx.state(decoder, nnx.Param))
   targets = {}
   for key_path, _ in params:
-    name = ".".join(str(getattr(p, "key", p)) for p in key_path)
+    name = path_str(key_path)
     source, transform = _autoencoder_kl_source(name, pool)
     array = pool.take(source)
     targets[name] = None if array is None else transform(array)
@@ -119,14 +120,6 @@ def _kernel_layout(w: np.ndarray) -> np.ndarray:
 
 def _load_sd3(path: str, config: dict, tensors: dict[str, np.ndarray], *,
               dtype: Dtype) -> nnx.Module:
-  try:
-    diffusers_sd3 = importlib.import_module("psvae_jax.ports.diffusers_sd3")
-  except ModuleNotFoundError as e:
-    if e.name != "psvae_jax.ports.diffusers_sd3":
-      raise
-    raise WeightLoadError(
-        f"{path}: SD3Transformer2DModel needs psvae_jax/ports/diffusers_sd3.py "
-        "(load_sd3), which is not installed in this checkout") from e
   return diffusers_sd3.load_sd3(path, config, tensors, dtype=dtype)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from psvae_jax.ports.common import TensorPool, WeightLoadError, assign, read_safetensors
+from psvae_jax.tree_paths import path_str
 
 Dtype = Any
 StateDict = Union[str, Mapping[str, Any]]
@@ -50,8 +51,7 @@ def _conv_kernel(w: np.ndarray) -> np.ndarray:
 
 
 def _param_names(module: nnx.Module) -> list[str]:
-  return [".".join(str(getattr(p, "key", p)) for p in path)
-          for path, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))]
+  return [path_str(path) for path, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))]
 
 
 def lpips_from_state_dicts(vgg16_features_state_dict: StateDict,

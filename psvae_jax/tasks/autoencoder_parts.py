@@ -14,6 +14,7 @@ from psvae_jax.config_base import ConfigError
 from psvae_jax.models import encoders, scan_layout
 from psvae_jax.models import flops as flops_lib
 from psvae_jax.models.svae import SemanticVAE
+from psvae_jax.tree_paths import path_keys
 
 
 def compute_dtype(config):
@@ -185,8 +186,8 @@ def fill_subtree(params: nnx.State, prefix: str, source: nnx.State, *, what: str
     source = scan_layout.match_scan_layout(source, _abstract_pure(target))
   except scan_layout.ScanLayoutError as e:
     raise ckpt_lib.CheckpointError(f"cannot load {prefix} from {what}: {e}") from e
-  want = {path: leaf for path, leaf in nnx.to_flat_state(target)}
-  have = {tuple(_key(k) for k in path): leaf
+  want = {path_keys(path): leaf for path, leaf in nnx.to_flat_state(target)}
+  have = {path_keys(path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(source)[0]}
   problems = [f"missing {'.'.join(map(str, p))}" for p in want if p not in have]
   problems += [f"unexpected {'.'.join(map(str, p))}" for p in have if p not in want]
@@ -202,7 +203,3 @@ def fill_subtree(params: nnx.State, prefix: str, source: nnx.State, *, what: str
     variable.set_value(jax.device_put(jnp.array(have[path], value.dtype, copy=True),
                                       value.sharding))
   return params
-
-
-def _key(entry):
-  return getattr(entry, "key", getattr(entry, "idx", entry))

@@ -32,7 +32,6 @@ L * D * 4 bytes of text states in float32 (256 x 896: 0.9 MB); --dtype=bfloat16 
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -45,6 +44,7 @@ from flax import nnx
 from psvae_jax import runs, sharding
 from psvae_jax.config_base import ConfigError
 from psvae_jax.runs import default_mesh, load_run_model, run_config
+from psvae_jax.tools import cli, files
 
 DTYPES = ("float32", "bfloat16")
 SUMMARY_NAME = "cache_summary.json"
@@ -268,8 +268,7 @@ def cache_latents(workdir: str, data: str, out: str, *, text_encoder: str = "qwe
   }
   summary["elapsed_s"] = round(time.perf_counter() - started, 2)
   name = SUMMARY_NAME if prefix == "train" else f"cache_summary-{prefix}.json"
-  with open(os.path.join(out, name), "w") as f:
-    json.dump(summary, f, indent=2)
+  files.write_json(os.path.join(out, name), summary)
   return summary
 
 
@@ -302,9 +301,7 @@ def define_flags(flag_values=flags.FLAGS) -> None:
 
 def run_from_flags(flag_values=flags.FLAGS) -> dict[str, Any]:
   v = flag_values
-  for name in ("workdir", "data", "out"):
-    if not v[name].value:
-      raise app.UsageError(f"--{name} is required")
+  cli.require_flags(v, "workdir", "data", "out")
   return cache_latents(v.workdir, v.data, v.out, text_encoder=v.text_encoder,
                        text_encoder_init=v.text_encoder_init, tokenizer=v.tokenizer,
                        max_text_len=v.max_text_len, num_examples=v.num_examples,
@@ -313,12 +310,8 @@ def run_from_flags(flag_values=flags.FLAGS) -> dict[str, Any]:
                        max_bad_fraction=v.max_bad_fraction)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  summary = run_from_flags()
-  keys = ("records", "bad", "dtype", "fields", "data_source", "train_with", "elapsed_s")
-  print(json.dumps({k: summary[k] for k in keys}, indent=2))
+main = cli.json_main(run_from_flags, keys=("records", "bad", "dtype", "fields", "data_source",
+                                           "train_with", "elapsed_s"))
 
 
 if __name__ == "__main__":

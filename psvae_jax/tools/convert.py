@@ -13,6 +13,8 @@ import os
 
 from absl import app, flags
 
+from psvae_jax.tools import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -32,8 +34,7 @@ def convert(src: str, out: str) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   written = convert(FLAGS.src, FLAGS.out)
   print(f"wrote {written['model_type']} ({written['kind']}) to {os.path.abspath(FLAGS.out)}")
 

@@ -14,7 +14,6 @@ missing image is an error naming the file and the reason.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 from absl import app, flags
@@ -23,6 +22,7 @@ from PIL import Image
 from psvae_jax.data.decode import load_rgb
 from psvae_jax.data.errors import BadImage
 from psvae_jax.data.preprocess import resize_center_crop
+from psvae_jax.tools import cli, files
 
 FITS = ("squash", "crop")
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -103,8 +103,7 @@ def edit_file(workdir: str, image: str, instruction: str, out: str, *, fit: str 
   task, model, config, extras = load_edit_run(workdir)
   (edited,) = edit_pil_images(task, model, [source], [instruction], fit=fit, seed=seed,
                               batch_size=1, **sampling)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  edited.save(out, format="PNG")
+  files.write_png(out, np.asarray(edited))
   return {"image": image, "instruction": instruction, "out": out, "size": list(edited.size),
           "fit": fit, "model_size": config.data.image_size, "seed": seed,
           "step": extras["step"], **sampling_used(config, sampling)}
@@ -142,12 +141,9 @@ def define_sampling_flags(flag_values=flags.FLAGS, *, seed_help: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   v = flags.FLAGS
-  for name in ("workdir", "image", "instruction", "out"):
-    if v[name].value is None:
-      raise app.UsageError(f"--{name} is required")
+  cli.require_flags(v, "workdir", "image", "instruction", "out")
   try:
     result = edit_file(v.workdir, v.image, v.instruction, v.out, fit=v.fit, seed=v.seed,
                        **sampling_overrides(v.cfg_scale, v.image_cfg_scale, v.steps))

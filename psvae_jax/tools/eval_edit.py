@@ -38,11 +38,11 @@ import jax
 import numpy as np
 from absl import app, flags
 from flax import nnx
-from PIL import Image
 from scipy import ndimage
 
 from psvae_jax.data import synthetic
 from psvae_jax.data.synthetic_score import detect_objects
+from psvae_jax.tools import cli, files
 from psvae_jax.tools import edit as edit_tool
 
 ROWS = ("trained", "source_identity", "reconstruction", "random_init")
@@ -210,10 +210,8 @@ def evaluate_edits(workdir: str, *, num: int = 50, random_init: bool = False,
             "edit_seconds": {k: round(v, 1) for k, v in timings.items()},
             "seconds": round(time.time() - start, 1)}
   out = out or os.path.join(workdir, "eval_edit.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2)
-  _write_grid(edits, images, os.path.splitext(out)[0] + "_grid.png", grid_per_kind)
+  files.write_json(out, result)
+  _write_grid(edits, images, files.beside(out, "_grid.png"), grid_per_kind)
   return result
 
 
@@ -228,7 +226,7 @@ def _write_grid(edits, images, path: str, per_kind: int) -> None:
   strips = []
   for i in picked:
     strips += [images[c][i] for c in columns] + [edits[i]["target"]]
-  Image.fromarray(image_grid(np.stack(strips), columns=len(columns) + 1)).save(path)
+  files.write_png(path, image_grid(np.stack(strips), columns=len(columns) + 1))
 
 
 def format_table(result: dict) -> str:
@@ -256,11 +254,9 @@ def define_flags(flag_values=flags.FLAGS) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   v = flags.FLAGS
-  if not v.workdir:
-    raise app.UsageError("--workdir is required")
+  cli.require_flags(v, "workdir")
   try:
     result = evaluate_edits(v.workdir, num=v.num, random_init=v.random_init,
                             psnr_threshold=v.psnr_threshold, batch_size=v.batch_size,

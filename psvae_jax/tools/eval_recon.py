@@ -23,8 +23,6 @@ The batch size must be a multiple of the device count (the batch is split over d
 """
 from __future__ import annotations
 
-import io
-import json
 import math
 import os
 import time
@@ -39,6 +37,8 @@ from flax import nnx
 from psvae_jax import sharding
 from psvae_jax.metrics.precision import full_precision
 from psvae_jax.runs import default_mesh, load_run_model
+from psvae_jax.tools import cli, files
+from psvae_jax.tree_paths import path_keys
 
 RANDOM_INCEPTION_LABEL = ("RANDOM Inception weights (--allow_random_inception): a smoke-test "
                           "number, NOT an rFID comparable to any published value")
@@ -84,7 +84,7 @@ def random_fid_inception(seed: int = 0) -> nnx.Module:
   fill = {"scale": 1.0, "bias": 0.0, "mean": 0.0, "var": 1.0}
 
   def leaf(path, x):
-    name = str(getattr(path[-1], "key", path[-1]))
+    name = path_keys(path)[-1]
     if name == "kernel":
       fan_in = int(np.prod(x.shape[:-1]))
       return jnp.asarray(rng.normal(0.0, math.sqrt(2.0 / fan_in), x.shape).astype(np.float32))
@@ -176,17 +176,6 @@ def pair_grid(originals: np.ndarray, reconstructions: np.ndarray,
   pairs = np.stack([originals, reconstructions], axis=1).reshape(
       (-1,) + originals.shape[1:])
   return image_grid(pairs, columns=2 * min(pairs_per_row, originals.shape[0]))
-
-
-def write_bytes(path: str, data: bytes) -> None:
-  """Writes a local or gs:// file (parent directories created)."""
-  if path.startswith("gs://"):
-    from etils import epath
-    epath.Path(path).write_bytes(data)
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "wb") as f:
-    f.write(data)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -296,19 +285,12 @@ def evaluate_reconstruction(workdir: str, data: str, *, num_images: int = 1000,
       "[-1, 1] images; rFID on Inception pool3 of originals vs reconstructions")
 
   out = out or os.path.join(workdir, "eval_recon.json")
-  stem = out[:-len(".json")] if out.endswith(".json") else out
-  grid_path = stem + "_grid.png"
-  from PIL import Image
-  grid = pair_grid(images[:n_grid], np.concatenate(grid_recons))
-  buffer = io.BytesIO()
-  Image.fromarray(grid).save(buffer, format="PNG")
-  write_bytes(grid_path, buffer.getvalue())
+  grid_path = files.beside(out, "_grid.png")
+  files.write_png(grid_path, pair_grid(images[:n_grid], np.concatenate(grid_recons)))
   result["grid"] = grid_path
   result["grid_layout"] = f"{n_grid} (original, reconstruction) pairs, 4 pairs per row"
   result["elapsed_s"] = round(time.perf_counter() - started, 2)
-  write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
-  result["json"] = out
-  return result
+  return files.write_result(out, result)
 
 
 # --- command line --------------------------------------------------------------------------
@@ -341,9 +323,7 @@ def define_flags(flag_values=flags.FLAGS) -> None:
 def run_from_flags(flag_values=flags.FLAGS) -> dict[str, Any]:
   """Runs the evaluation with parsed flags; returns the JSON written."""
   v = flag_values
-  for name in ("workdir", "data"):
-    if not v[name].value:
-      raise app.UsageError(f"--{name} is required")
+  cli.require_flags(v, "workdir", "data")
   return evaluate_reconstruction(
       v.workdir, v.data, num_images=v.num_images, batch_size=v.batch_size,
       inception_weights=v.inception_weights, allow_random_inception=v.allow_random_inception,
@@ -351,12 +331,7 @@ def run_from_flags(flag_values=flags.FLAGS) -> dict[str, Any]:
       held_out=v.held_out, use_ema=v.use_ema, seed=v.seed)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  result = run_from_flags()
-  print(json.dumps(result, indent=2))
-
+main = cli.json_main(run_from_flags)
 
 if __name__ == "__main__":
   define_flags()

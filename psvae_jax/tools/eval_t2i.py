@@ -26,8 +26,6 @@ Images must be at least 64 px for the detector's shape guesses to be meaningful.
 """
 from __future__ import annotations
 
-import io
-import json
 import os
 import time
 from typing import Any
@@ -41,6 +39,7 @@ from psvae_jax import sharding
 from psvae_jax.data import synthetic
 from psvae_jax.data.synthetic_score import detect_objects
 from psvae_jax.runs import default_mesh, load_run_model, run_config
+from psvae_jax.tools import cli, files
 
 MIN_SCORED_SIZE = 64  # the detector's lower bound (synthetic_score's module docstring)
 
@@ -133,11 +132,6 @@ def generate_images(task, model, captions: list[str], *, batch_size: int, seed: 
   return np.concatenate(out)
 
 
-def _write(path: str, data: bytes) -> None:
-  from psvae_jax.tools.eval_recon import write_bytes
-  write_bytes(path, data)
-
-
 # --- the tool ----------------------------------------------------------------------------------
 
 def evaluate_t2i(workdir: str, *, num_prompts: int = 180, batch_size: int = 0,
@@ -196,19 +190,13 @@ def evaluate_t2i(workdir: str, *, num_prompts: int = 180, batch_size: int = 0,
 
   default_name = "eval_t2i_random_init.json" if random_init else "eval_t2i.json"
   out = out or os.path.join(workdir, default_name)
-  stem = out[:-len(".json")] if out.endswith(".json") else out
-  from PIL import Image
   from psvae_jax.metrics_log import image_grid
   n_grid = min(grid_images, len(images))
-  buffer = io.BytesIO()
-  Image.fromarray(image_grid(images[:n_grid], columns=min(len(synthetic.SHAPES) * 3, n_grid))
-                  ).save(buffer, format="PNG")
-  result["grid"] = stem + "_grid.png"
-  _write(result["grid"], buffer.getvalue())
+  result["grid"] = files.beside(out, "_grid.png")
+  files.write_png(result["grid"], image_grid(
+      images[:n_grid], columns=min(len(synthetic.SHAPES) * 3, n_grid)))
   result["elapsed_s"] = round(time.perf_counter() - started, 2)
-  _write(out, (json.dumps(result, indent=2) + "\n").encode())
-  result["json"] = out
-  return result
+  return files.write_result(out, result)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -237,20 +225,15 @@ def define_flags(flag_values=flags.FLAGS) -> None:
 def run_from_flags(flag_values=flags.FLAGS) -> dict[str, Any]:
   """Runs the evaluation with parsed flags; returns the JSON written."""
   v = flag_values
-  if not v.workdir:
-    raise app.UsageError("--workdir is required")
+  cli.require_flags(v, "workdir")
   return evaluate_t2i(v.workdir, num_prompts=v.num_prompts, batch_size=v.batch_size,
                       random_init=v.random_init, sample_steps=v.sample_steps,
                       cfg_scale=v.cfg_scale, sample_shift=v.sample_shift, seed=v.seed, out=v.out,
                       use_ema=v.use_ema)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  result = run_from_flags()
-  keys = ("colour_acc", "shape_acc", "score", "n", "one_object", "weights", "step", "json")
-  print(json.dumps({k: result[k] for k in keys}, indent=2))
+main = cli.json_main(run_from_flags, keys=("colour_acc", "shape_acc", "score", "n",
+                                           "one_object", "weights", "step", "json"))
 
 
 if __name__ == "__main__":

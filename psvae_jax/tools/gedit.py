@@ -55,8 +55,10 @@ import os
 import time
 from typing import Iterator
 
+import numpy as np
 from absl import app, flags
 
+from psvae_jax.tools import cli, files
 from psvae_jax.tools import edit as edit_tool
 
 TASK_TYPES = ("background_change", "color_alter", "material_alter", "motion_change", "ps_human",
@@ -245,15 +247,6 @@ def _finished(out: str, record: dict) -> bool:
   return all(os.path.isfile(output_path(out, record, s)) for s in ("", SOURCE_SUFFIX))
 
 
-def _save_png(image, path: str) -> None:
-  """Writes under a hidden temporary name, then renames: never a truncated PNG at `path`."""
-  directory, name = os.path.split(path)
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{name}.{os.getpid()}.partial")
-  image.save(tmp, format="PNG")
-  os.replace(tmp, path)
-
-
 def run_gedit(workdir: str, bench: str, out: str, *, subtasks: str = "all",
               languages=LANGUAGES, batch_size: int = 8, fit: str = "squash", seed: int = 0,
               overwrite: bool = False, **sampling) -> dict:
@@ -281,8 +274,8 @@ def run_gedit(workdir: str, bench: str, out: str, *, subtasks: str = "all",
         task, model, images, [r["instruction"] for r in part], fit=fit,
         seed=seed + i // batch_size, batch_size=batch_size, **sampling)
     for record, source, image in zip(part, images, edited):
-      _save_png(source, output_path(out, record, SOURCE_SUFFIX))
-      _save_png(image, output_path(out, record))
+      files.write_png(output_path(out, record, SOURCE_SUFFIX), np.asarray(source))
+      files.write_png(output_path(out, record), np.asarray(image))
   counts = collections.Counter(f"{r['task_type']}/{r['instruction_language']}" for r in records)
   summary = {"workdir": workdir, "step": extras["step"], "bench": bench,
              "out": os.path.join(out, "fullset"),
@@ -292,9 +285,7 @@ def run_gedit(workdir: str, bench: str, out: str, *, subtasks: str = "all",
              "model_size": config.data.image_size,
              **edit_tool.sampling_used(config, sampling),
              "seconds": round(time.time() - start, 1)}
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "gedit_summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  files.write_json(os.path.join(out, "gedit_summary.json"), summary)
   return summary
 
 
@@ -317,12 +308,9 @@ def define_flags(flag_values=flags.FLAGS) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   v = flags.FLAGS
-  for name in ("workdir", "bench", "out"):
-    if v[name].value is None:
-      raise app.UsageError(f"--{name} is required")
+  cli.require_flags(v, "workdir", "bench", "out")
   try:
     summary = run_gedit(v.workdir, v.bench, v.out, subtasks=v.subtasks, languages=v.languages,
                         batch_size=v.batch_size, fit=v.fit, seed=v.seed, overwrite=v.overwrite,

@@ -14,7 +14,6 @@ given for both. All latents are held in host memory (N x h x w x C float32).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -27,8 +26,9 @@ from flax import nnx
 
 from psvae_jax import sharding
 from psvae_jax.metrics.precision import full_precision
-from psvae_jax.tools.eval_recon import eval_data_config, write_bytes
 from psvae_jax.runs import default_mesh, load_run_model
+from psvae_jax.tools import cli, files
+from psvae_jax.tools.eval_recon import eval_data_config
 
 
 def training_images(data_config, num_images: int, batch_size: int,
@@ -171,9 +171,7 @@ def probe_latents(workdir: str, train_data: str, eval_data: str, *, num_train: i
       "elapsed_s": round(time.perf_counter() - started, 2),
   }
   out = out or os.path.join(workdir, "linear_probe.json")
-  write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
-  result["json"] = out
-  return result
+  return files.write_result(out, result)
 
 
 # --- command line --------------------------------------------------------------------------
@@ -205,9 +203,7 @@ def define_flags(flag_values=flags.FLAGS) -> None:
 def run_from_flags(flag_values=flags.FLAGS) -> dict[str, Any]:
   """Runs the probe with parsed flags; returns the JSON written."""
   v = flag_values
-  for name in ("workdir", "train_data", "eval_data"):
-    if not v[name].value:
-      raise app.UsageError(f"--{name} is required")
+  cli.require_flags(v, "workdir", "train_data", "eval_data")
   return probe_latents(
       v.workdir, v.train_data, v.eval_data, num_train=v.num_train, num_eval=v.num_eval,
       batch_size=v.batch_size, num_classes=v.num_classes, pool=v.pool, epochs=v.epochs,
@@ -215,10 +211,7 @@ def run_from_flags(flag_values=flags.FLAGS) -> dict[str, Any]:
       weight_decay=v.weight_decay, out=v.out, use_ema=v.use_ema, seed=v.seed)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(json.dumps(run_from_flags(), indent=2))
+main = cli.json_main(run_from_flags)
 
 
 if __name__ == "__main__":

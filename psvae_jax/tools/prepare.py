@@ -69,6 +69,7 @@ from psvae_jax.data.decode import encode_image, load_rgb
 from psvae_jax.data.errors import BadImage, BadRecord, DataError
 from psvae_jax.data.shards import ShardWriter
 from psvae_jax.data.sources import MAX_FILE_BYTES, FolderSource
+from psvae_jax.tools import cli
 
 FORMATS = ("webdataset", "folder", "edit_jsonl", "omniedit_parquet")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")  # preference order within a key
@@ -578,8 +579,7 @@ def options_from_flags() -> PrepareOptions:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   summary = prepare(FLAGS.input, FLAGS.format, FLAGS.out, prefix=FLAGS.prefix,
                     records_per_shard=FLAGS.records_per_shard, options=options_from_flags(),
                     max_records=FLAGS.max_records, threads=FLAGS.threads,

@@ -22,7 +22,6 @@ Edit runs (configs/edit.py) sample text-to-image without a source image (EditTas
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -34,7 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from psvae_jax import sharding
-from psvae_jax.tools.eval_recon import write_bytes
+from psvae_jax.tools import cli, files
 from psvae_jax.tools.eval_t2i import generate_images
 from psvae_jax.runs import default_mesh, load_run_model, run_config
 
@@ -122,13 +121,6 @@ def sample_images(workdir: str, prompts: list[str], *, num_samples: int = 1, see
   return images.reshape(len(prompts), num_samples, *images.shape[1:]), settings
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
-  from PIL import Image
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG")
-  return buffer.getvalue()
-
-
 # --- the two modes -----------------------------------------------------------------------------
 
 def sample_prompt(workdir: str, prompt: str, out: str, *, num_samples: int = 1,
@@ -147,7 +139,7 @@ def sample_prompt(workdir: str, prompt: str, out: str, *, num_samples: int = 1,
                             "a file name, or use --prompts=FILE to fill a directory)")
   images, settings = sample_images(workdir, [prompt], num_samples=num_samples, **kwargs)
   mine = images[0]
-  write_bytes(out, _png_bytes(mine[0] if num_samples == 1 else image_grid(mine)))
+  files.write_png(out, mine[0] if num_samples == 1 else image_grid(mine))
   return {"prompt": prompt, "out": out, "num_samples": num_samples, **settings,
           "elapsed_s": round(time.perf_counter() - started, 2)}
 
@@ -170,13 +162,13 @@ def sample_prompts_file(workdir: str, prompts_file: str, out: str, *, num_sample
   images, settings = sample_images(workdir, prompts, num_samples=num_samples, **kwargs)
   os.makedirs(out, exist_ok=True)
   lines = []
-  for index, (prompt, files, mine) in enumerate(zip(prompts, names, images)):
-    for k, (name, image) in enumerate(zip(files, mine)):
-      write_bytes(os.path.join(out, name), _png_bytes(image))
+  for index, (prompt, prompt_names, mine) in enumerate(zip(prompts, names, images)):
+    for k, (name, image) in enumerate(zip(prompt_names, mine)):
+      files.write_png(os.path.join(out, name), image)
       lines.append(json.dumps({"file": name, "prompt": prompt, "index": index, "sample": k,
                                **settings}))
   manifest = os.path.join(out, MANIFEST)
-  write_bytes(manifest, ("\n".join(lines) + "\n").encode())
+  files.write_bytes(manifest, ("\n".join(lines) + "\n").encode())
   return {"prompts": prompts_file, "out": out, "manifest": manifest,
           "num_prompts": len(prompts), "num_samples": num_samples, "files": len(lines),
           **settings, "elapsed_s": round(time.perf_counter() - started, 2)}
@@ -223,10 +215,7 @@ def run_from_flags(flag_values=flags.FLAGS, mesh=None) -> dict[str, Any]:
   return sample_prompts_file(v.workdir, v.prompts, v.out, **kwargs)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(json.dumps(run_from_flags(), indent=2))
+main = cli.json_main(run_from_flags)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,10 @@ import jax
 import numpy as np
 from absl import app, flags
 from flax import nnx
-from PIL import Image
 
 from psvae_jax import sharding
 from psvae_jax.runs import default_mesh, load_run_model
+from psvae_jax.tools import cli, files
 
 BENCHES = ("geneval", "dpg")
 MAX_DPG_SAMPLES = 4  # compute_dpg_bench.py crops at most a 2x2 grid
@@ -129,25 +129,13 @@ def dpg_grid(images: np.ndarray) -> np.ndarray:
   return grid
 
 
-def _save_png(array: np.ndarray, path: str) -> None:
-  # A crash never leaves a truncated PNG that a re-run would keep; the hidden temporary name
-  # is matched by neither scorer (GenEval: r"\d+\.png" at the name's start; DPG-Bench keys a
-  # file by the name before its first dot).
-  directory, name = os.path.split(path)
-  tmp = os.path.join(directory, f".{name}.{os.getpid()}.partial")
-  Image.fromarray(array).save(tmp, format="PNG")
-  os.replace(tmp, path)
-
-
 def _write_geneval(out: str, name: str, metadata: dict, images: np.ndarray) -> None:
   from psvae_jax.metrics_log import image_grid
   folder = os.path.join(out, name)
-  os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-  with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
-    json.dump(metadata, f)
+  files.write_bytes(os.path.join(folder, "metadata.jsonl"), json.dumps(metadata).encode())
   for k, img in enumerate(images):
-    _save_png(img, os.path.join(folder, "samples", f"{k:04d}.png"))
-  _save_png(image_grid(images, columns=len(images)), os.path.join(folder, "grid.png"))
+    files.write_png(os.path.join(folder, "samples", f"{k:04d}.png"), img)
+  files.write_png(os.path.join(folder, "grid.png"), image_grid(images, columns=len(images)))
 
 
 # --- the tool ----------------------------------------------------------------------------------
@@ -212,7 +200,7 @@ def sample_bench(workdir: str, bench: str, prompts: str, out: str, *,
     for j, (name, _, metadata) in enumerate(group):
       mine = images[j * samples_per_prompt:(j + 1) * samples_per_prompt]
       if bench == "dpg":
-        _save_png(dpg_grid(mine), os.path.join(out, f"{name}.png"))
+        files.write_png(os.path.join(out, f"{name}.png"), dpg_grid(mine))
       else:
         _write_geneval(out, name, metadata, mine)
       written += 1
@@ -233,8 +221,7 @@ def sample_bench(workdir: str, bench: str, prompts: str, out: str, *,
                f"--pic-num {samples_per_prompt}"),
       "elapsed_s": round(time.perf_counter() - started, 2),
   }
-  with open(os.path.join(out, "sample_bench.json"), "w") as fh:
-    json.dump(summary, fh, indent=2)
+  files.write_json(os.path.join(out, "sample_bench.json"), summary)
   return summary
 
 
@@ -261,19 +248,14 @@ def define_flags(flag_values=flags.FLAGS) -> None:
 
 def run_from_flags(flag_values=flags.FLAGS) -> dict[str, Any]:
   v = flag_values
-  for name in ("workdir", "bench", "prompts", "out"):
-    if not v[name].value:
-      raise app.UsageError(f"--{name} is required")
+  cli.require_flags(v, "workdir", "bench", "prompts", "out")
   return sample_bench(v.workdir, v.bench, v.prompts, v.out,
                       samples_per_prompt=v.samples_per_prompt, batch_size=v.batch_size,
                       sample_steps=v.sample_steps, cfg_scale=v.cfg_scale, seed=v.seed,
                       max_prompts=v.max_prompts, use_ema=v.use_ema)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(json.dumps(run_from_flags(), indent=2))
+main = cli.json_main(run_from_flags)
 
 
 if __name__ == "__main__":

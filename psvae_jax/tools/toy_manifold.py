@@ -19,7 +19,6 @@ features into a compact, regularised latent before generation. Runs in about a m
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any
@@ -31,6 +30,7 @@ import optax
 from absl import app, flags
 
 from psvae_jax import flow
+from psvae_jax.tools import cli, files
 
 AMBIENT_DIM = 8
 TOP_FRACTION = 0.05
@@ -204,7 +204,6 @@ def format_table(results: dict[str, Any]) -> str:
 
 def scatter_png(points: dict[str, np.ndarray], path: str, size: int = 320) -> None:
   """Side-by-side scatter plots (data, 2-D samples, 8-D samples in plane coordinates)."""
-  from PIL import Image
   panels = []
   for name in ("data", "2d", "8d"):
     img = np.full((size, size, 3), 255, np.uint8)
@@ -213,7 +212,7 @@ def scatter_png(points: dict[str, np.ndarray], path: str, size: int = 320) -> No
     img[size - 1 - px[:, 1], px[:, 0]] = (30, 30, 160) if name == "data" else (200, 40, 40)
     panels.append(img)
   gutter = np.full((size, 4, 3), 200, np.uint8)
-  Image.fromarray(np.concatenate([panels[0], gutter, panels[1], gutter, panels[2]], 1)).save(path)
+  files.write_png(path, np.concatenate([panels[0], gutter, panels[1], gutter, panels[2]], 1))
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -247,16 +246,14 @@ def run_from_flags(flag_values=flags.FLAGS) -> dict[str, Any]:
   samples = results.pop("_samples")
   print(format_table(results))
   if v.out:
-    with open(v.out, "w") as f:
-      json.dump(results, f, indent=2)
+    files.write_json(v.out, results)
   if v.png:
     scatter_png(samples, v.png)
   return results
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   run_from_flags()
 
 

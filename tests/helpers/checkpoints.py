@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import sharding
 from psvae_jax import train_state as ts
-from psvae_jax.tasks import get_task
+from psvae_jax.tree_paths import flatten_dotted
 
 
 def restore_all(workdir, step=None):
@@ -25,8 +25,8 @@ def restore_all(workdir, step=None):
     meta = ocp.StandardCheckpointer().metadata(path).item_metadata
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
     tree = ocp.StandardCheckpointer().restore(path, target)
-    for key, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      out[f"{item}/{jax.tree_util.keystr(key)}"] = np.asarray(leaf)
+    for name, leaf in flatten_dotted(tree).items():
+      out[f"{item}/{name}"] = np.asarray(leaf)
   data = glob.glob(os.path.join(directory, str(step), "data", "*.json"))
   with open(data[0]) as f:
     out["data"] = f.read()
@@ -46,17 +46,7 @@ def assert_same_checkpoint(a, b):
 
 def restore_params(config, workdir):
   """(step, merged raw params as a nested dict, extras) of `workdir`'s newest checkpoint,
-  restored through `config`'s task layout."""
-  task = get_task(config)
-  mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh):
-    layout = ts.make_train_setup(task, config, mesh)
-    reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False)
-    try:
-      step = reader.latest_step()
-      restored = reader.restore(step, abstract_state=layout.abstract_state,
-                                abstract_ema=layout.abstract_ema)
-    finally:
-      reader.close()
-  state = jax.device_get(restored["state"])
-  return step, ts.all_params(state).to_pure_dict(), restored.get("extras", {})
+  restored through `config`'s task layout on `config.mesh`."""
+  from helpers.runs import read_run
+  step, restored = read_run(workdir, config, sharding.make_mesh(config.mesh))
+  return step, ts.all_params(restored["state"]).to_pure_dict(), restored.get("extras", {})

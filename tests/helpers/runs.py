@@ -1,6 +1,7 @@
-"""Tiny finished runs' workdirs (T2I, edit, PS-VAE), written as finished runs leave them (config, state, EMA,
-latent statistics) from the tasks' own layouts with random host-side values: compiling a
-training step here would dominate the tool tests that only read a run."""
+"""Tiny finished runs' workdirs (T2I, edit, PS-VAE), written as finished runs leave them
+(config, state, EMA, latent statistics) from the tasks' own layouts with random host-side
+values: compiling a training step here would dominate the tool tests that only read a run.
+`read_run` reads a run back with the project's own Checkpointer."""
 import jax
 import numpy as np
 
@@ -68,3 +69,22 @@ def write_run(workdir: str, config, *, step: int = STEP, seed: int = 0) -> tuple
     writer.close()
   return (jax.device_get(ts.all_params(state).to_pure_dict()),
           jax.device_get(ema.to_pure_dict()))
+
+
+def read_run(workdir: str, config, mesh=None) -> tuple[int, dict]:
+  """(latest step, {'state': ..., 'ema': ..., 'extras': ...} as host arrays) of a run of
+  `config`, read with the project's own Checkpointer from the task's layout onto `mesh`
+  (default: one device)."""
+  task = get_task(config)
+  mesh = mesh or sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    layout = ts.make_train_setup(task, config, mesh)
+    reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False)
+    try:
+      step = reader.latest_step()
+      restored = reader.restore(step, abstract_state=layout.abstract_state,
+                                abstract_ema=layout.abstract_ema)
+    finally:
+      reader.close()
+  return step, jax.device_get(restored)
+

@@ -14,6 +14,7 @@ from flax import nnx
 
 from psvae_jax.models import mmdit
 from psvae_jax.models.ddt_head import DDTHeadConfig
+from psvae_jax.tree_paths import path_str
 
 SMALL = mmdit.MMDiTConfig(num_layers=2, num_heads=2, head_dim=8, in_channels=4, patch_size=2,
                           sample_size=8, pos_embed_max_size=8, text_dim=12, pooled_dim=10,
@@ -201,8 +202,7 @@ def test_edit_position_codes_are_shared_by_target_and_source_cells():
 
 
 def _flat_params(model):
-  return {".".join(str(getattr(k, "key", k)) for k in path): v
-          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {path_str(path): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def _scanned_pair():

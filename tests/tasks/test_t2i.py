@@ -16,6 +16,7 @@ from psvae_jax.tasks import t2i
 from psvae_jax.tokenizers import ByteTokenizer, build_tokenizer, tokenize
 
 from helpers.configs import t2i_config_for, tiny_psvae_config
+from helpers.runs import read_run
 
 ONE_DEVICE = jax.devices()[:1]  # compiles on 1 device are the cheapest; sharding is tested apart
 LATENT_STATS = {"mean": [0.1 * i for i in range(8)], "std": [0.5 + 0.1 * i for i in range(8)],
@@ -44,22 +45,11 @@ def psvae_run(tmp_path_factory):
   return workdir, config
 
 
-def _restore(config, workdir):
-  task = get_task(config)
-  mesh = sharding.make_mesh({"data": 1}, ONE_DEVICE)
-  with jax.set_mesh(mesh):
-    layout = ts.make_train_setup(task, config, mesh)
-    reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False)
-    step = reader.latest_step()
-    restored = reader.restore(step, abstract_state=layout.abstract_state,
-                              abstract_ema=layout.abstract_ema)
-    reader.close()
-  return step, jax.device_get(restored)
 
 
 def test_t2i_from_psvae_run(tmp_path, psvae_run):
   psvae_dir, psvae_config = psvae_run
-  _, psvae_restored = _restore(psvae_config, psvae_dir)
+  _, psvae_restored = read_run(psvae_dir, psvae_config)
   stats = psvae_restored["extras"]["latent_stats"]
 
   workdir = str(tmp_path / "t2i")
@@ -70,7 +60,7 @@ def test_t2i_from_psvae_run(tmp_path, psvae_run):
   assert np.isfinite(summary["last_eval"]["eval/flow_loss_t0.5"])
   assert summary["last_metrics"]["perf/tflops_per_device"] > 0
 
-  step, restored = _restore(config, workdir)
+  step, restored = read_run(workdir, config)
   assert step == 2
   frozen = restored["state"]["frozen"].to_pure_dict()
   np.testing.assert_array_equal(frozen["latent_norm"]["mean"], np.float32(stats["mean"]))

@@ -6,7 +6,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from absl import flags
 
 from psvae_jax import data as data_lib
 from psvae_jax.config_base import ConfigError
@@ -14,29 +13,15 @@ from psvae_jax.tasks import get_task
 from psvae_jax.tools import cache_latents
 from psvae_jax.runs import default_mesh, load_run_model
 
-from helpers.runs import write_run, write_t2i_run
+from helpers.runs import write_run
 
 ONE = jax.devices()[:1]
 
 
-@pytest.fixture(scope="module")
-def t2i_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("t2i_run_cache"))
-  write_t2i_run(workdir)
-  return workdir
-
-
-def _parse(argv):
-  values = flags.FlagValues()
-  cache_latents.define_flags(values)
-  values(["cache_latents", *argv])
-  return values
-
-
-def test_cached_loss_equals_raw_loss(t2i_run, tmp_path):
+def test_cached_loss_equals_raw_loss(t2i_run, tmp_path, parse_flags):
   out = str(tmp_path / "cache")
   # 10 examples over 8 devices in batches of 8: the last batch is padded; 3 shards of <= 4.
-  summary = cache_latents.run_from_flags(_parse([
+  summary = cache_latents.run_from_flags(parse_flags(cache_latents, [
       f"--workdir={t2i_run}", "--data=synthetic:single", f"--out={out}", "--num_examples=10",
       "--records_per_shard=4"]))
   assert summary["records"] == 10 and summary["bad"] == 0 and len(summary["shards"]) == 3

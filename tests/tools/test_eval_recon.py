@@ -5,36 +5,19 @@ import json
 import jax
 import numpy as np
 import pytest
-from absl import flags
 from flax import nnx
 from PIL import Image
 
-from psvae_jax import train as train_lib
 from psvae_jax.data import make_eval_batches
 from psvae_jax.tools import eval_recon
 from psvae_jax.runs import default_mesh, load_run_model, run_config
 
 
-@pytest.fixture
-def tiny_run(tmp_path_factory, svae_config):
-  """A 2-step tiny S-VAE run (EMA kept), trained once per session on one device."""
-  workdir = tmp_path_factory.getbasetemp() / "tools_tiny_svae"
-  if not (workdir / "checkpoints" / "2").is_dir():
-    train_lib.train(svae_config(**{"total_steps": 2}), str(workdir), devices=jax.devices()[:1])
-  return str(workdir)
 
-
-def _parse(argv):
-  values = flags.FlagValues()
-  eval_recon.define_flags(values)
-  values(["eval_recon", *argv])
-  return values
-
-
-def test_metrics_json_and_grid(tiny_run, tmp_path):
+def test_metrics_json_and_grid(tiny_run, tmp_path, parse_flags):
   out = tmp_path / "eval" / "recon.json"
   # 12 images in batches of 8 over the 8 devices: the last batch is padded.
-  result = eval_recon.run_from_flags(_parse([
+  result = eval_recon.run_from_flags(parse_flags(eval_recon, [
       f"--workdir={tiny_run}", "--data=synthetic:shapes", "--num_images=12", "--batch_size=8",
       f"--out={out}", "--grid_images=6"]))
   written = json.loads(out.read_text())

@@ -5,21 +5,13 @@ import json
 
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
 
 from psvae_jax.data import synthetic
 from psvae_jax.tools import eval_t2i
 from psvae_jax.runs import run_config
 
-from helpers.runs import STEP, write_t2i_run
-
-
-@pytest.fixture(scope="module")
-def t2i_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("t2i_run"))
-  write_t2i_run(workdir)
-  return workdir
+from helpers.runs import STEP
 
 
 def test_prompts_use_the_world_caption_format():
@@ -55,18 +47,11 @@ def test_ground_truth_renders_score_one():
   assert verdict["colour_ok"] and not verdict["shape_ok"] and not verdict["ok"]
 
 
-def _parse(argv):
-  values = flags.FlagValues()
-  eval_t2i.define_flags(values)
-  values(["eval_t2i", *argv])
-  return values
-
-
-def test_tool_writes_scores_and_grid(t2i_run, tmp_path):
+def test_tool_writes_scores_and_grid(t2i_run, tmp_path, parse_flags):
   out = tmp_path / "scores.json"
   # 10 prompts over 8 devices: one batch of 16, padded.
-  result = eval_t2i.run_from_flags(_parse([f"--workdir={t2i_run}", "--num_prompts=10",
-                                           f"--out={out}"]))
+  result = eval_t2i.run_from_flags(parse_flags(eval_t2i, [
+      f"--workdir={t2i_run}", "--num_prompts=10", f"--out={out}"]))
   written = json.loads(out.read_text())
   assert written == {k: v for k, v in result.items() if k != "json"}
   for key in ("colour_acc", "shape_acc", "score", "one_object"):
@@ -80,9 +65,9 @@ def test_tool_writes_scores_and_grid(t2i_run, tmp_path):
   assert grid.shape == (64 + 2 + 64, 9 * 66 - 2, 3)  # 10 images, 9 per row
 
 
-def test_random_init_baseline(t2i_run, tmp_path):
-  result = eval_t2i.run_from_flags(_parse([f"--workdir={t2i_run}", "--num_prompts=10",
-                                           "--random_init"]))
+def test_random_init_baseline(t2i_run, tmp_path, parse_flags):
+  result = eval_t2i.run_from_flags(parse_flags(eval_t2i, [
+      f"--workdir={t2i_run}", "--num_prompts=10", "--random_init"]))
   assert result["weights"] == "random_init" and result["random_init"]
   assert result["json"].endswith("eval_t2i_random_init.json")
   # An untrained generator draws no recognisable object: far below the trained toy generator's

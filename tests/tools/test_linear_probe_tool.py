@@ -1,31 +1,17 @@
 """linear_probe on a tiny trained S-VAE: latents of labelled images -> top-1/top-5 JSON."""
 import json
 
-import jax
 import pytest
-from absl import flags
 
-from psvae_jax import train as train_lib
 from psvae_jax.tools import linear_probe
 
 
-@pytest.fixture
-def tiny_run(tmp_path_factory, svae_config):
-  """The same 2-step tiny S-VAE run as tests/tools/test_eval_recon.py (shared when both run)."""
-  workdir = tmp_path_factory.getbasetemp() / "tools_tiny_svae"
-  if not (workdir / "checkpoints" / "2").is_dir():
-    train_lib.train(svae_config(**{"total_steps": 2}), str(workdir), devices=jax.devices()[:1])
-  return str(workdir)
 
-
-def test_probe_json(tiny_run, tmp_path):
-  values = flags.FlagValues()
-  linear_probe.define_flags(values)
+def test_probe_json(tiny_run, tmp_path, parse_flags):
   out = tmp_path / "probe.json"
-  values(["linear_probe", f"--workdir={tiny_run}", "--train_data=synthetic:shapes",
-          "--eval_data=synthetic:shapes", "--num_train=60", "--num_eval=20", "--batch_size=16",
-          "--epochs=20", f"--out={out}"])
-  result = linear_probe.run_from_flags(values)
+  result = linear_probe.run_from_flags(parse_flags(linear_probe, [
+      f"--workdir={tiny_run}", "--train_data=synthetic:shapes", "--eval_data=synthetic:shapes",
+      "--num_train=60", "--num_eval=20", "--batch_size=16", "--epochs=20", f"--out={out}"]))
   written = json.loads(out.read_text())
   assert written == {k: v for k, v in result.items() if k != "json"}
   assert written["n_train"] == 60 and written["n_eval"] == 20

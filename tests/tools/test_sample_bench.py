@@ -12,16 +12,8 @@ from PIL import Image
 from psvae_jax.tools import sample_bench
 from psvae_jax.runs import default_mesh
 
-from helpers.runs import write_t2i_run
 
 ONE = default_mesh(jax.devices()[:1])
-
-
-@pytest.fixture(scope="module")
-def t2i_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("t2i_run_bench"))
-  write_t2i_run(workdir)
-  return workdir
 
 
 def _png(path):

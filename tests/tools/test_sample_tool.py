@@ -6,39 +6,25 @@ import os
 import jax
 import numpy as np
 import pytest
-from absl import app, flags
+from absl import app
 from PIL import Image
 
 from psvae_jax.tools import sample
 from psvae_jax.runs import default_mesh
 
-from helpers.runs import STEP, write_run, write_t2i_run
+from helpers.runs import STEP, write_run
 
 ONE = default_mesh(jax.devices()[:1])
-
-
-@pytest.fixture(scope="module")
-def t2i_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("t2i_run_sample"))
-  write_t2i_run(workdir)
-  return workdir
 
 
 def _png(path):
   return np.asarray(Image.open(path))
 
 
-def _parse(argv):
-  values = flags.FlagValues()
-  sample.define_flags(values)
-  values(["sample", *argv])
-  return values
-
-
-def test_one_prompt_and_seeds(t2i_run, tmp_path):
+def test_one_prompt_and_seeds(t2i_run, tmp_path, parse_flags):
   out = str(tmp_path / "sub" / "x.png")
-  result = sample.run_from_flags(_parse([f"--workdir={t2i_run}", "--prompt=a red circle",
-                                         f"--out={out}"]), mesh=ONE)
+  result = sample.run_from_flags(parse_flags(sample, [
+      f"--workdir={t2i_run}", "--prompt=a red circle", f"--out={out}"]), mesh=ONE)
   assert _png(out).shape == (64, 64, 3)
   assert result["step"] == STEP and result["weights"] == "ema" and result["sample_steps"] == 2
   assert result["batch_size"] == 1 and result["task"] == "t2i"
@@ -85,14 +71,14 @@ def test_edit_run_samples_text_to_image(tmp_path):
   assert result["task"] == "edit" and _png(out).shape == (32, 32, 3)
 
 
-def test_bad_inputs_are_named(t2i_run, tmp_path, monkeypatch):
+def test_bad_inputs_are_named(t2i_run, tmp_path, monkeypatch, parse_flags):
   with pytest.raises(app.UsageError, match="--workdir is required"):
-    sample.run_from_flags(_parse(["--prompt=x", "--out=x.png"]))
+    sample.run_from_flags(parse_flags(sample, ["--prompt=x", "--out=x.png"]))
   with pytest.raises(app.UsageError, match="exactly one of --prompt.*not both"):
-    sample.run_from_flags(_parse([f"--workdir={t2i_run}", "--prompt=x", "--prompts=p.txt",
-                                  "--out=o"]))
+    sample.run_from_flags(parse_flags(sample, [
+        f"--workdir={t2i_run}", "--prompt=x", "--prompts=p.txt", "--out=o"]))
   with pytest.raises(app.UsageError, match="exactly one of --prompt"):
-    sample.run_from_flags(_parse([f"--workdir={t2i_run}", "--out=o"]))
+    sample.run_from_flags(parse_flags(sample, [f"--workdir={t2i_run}", "--out=o"]))
   empty = tmp_path / "empty.txt"
   empty.write_text("\n  \n")
   with pytest.raises(ValueError, match="empty.txt holds no prompts"):
