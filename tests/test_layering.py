@@ -2,8 +2,8 @@
 
 Every module is parsed with `ast`, imports inside functions included, so a lazy import cannot
 hide an edge. Layers: models never import tasks; tasks never import the loop (train), its
-setup (train_state), the tools or the command line (main); ports import only models and ports;
-and the graph of the package's modules has no cycle.
+setup (train_state), the tools or the command line (main); ports import only models, ports and
+the leaf helper tree_paths (which imports nothing of the package); and the graph of the package's modules has no cycle.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ FORBIDDEN = (
                          "psvae_jax.main", "psvae_jax.runs", "psvae_jax.stage_chain")),
 )
 # Ports import nothing of the package but these.
-PORTS_MAY_IMPORT = ("psvae_jax.models", "psvae_jax.ports")
+PORTS_MAY_IMPORT = ("psvae_jax.models", "psvae_jax.ports", "psvae_jax.tree_paths")
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -113,3 +113,8 @@ def test_ports_import_only_models_and_ports():
                if _is_under(source, "psvae_jax.ports") for target in targets
                if not any(_is_under(target, allowed) for allowed in PORTS_MAY_IMPORT))
   assert not bad, "ports import beyond models/ports: " + "; ".join(bad)
+
+
+def test_tree_paths_is_a_leaf():
+  """tree_paths may be imported from every layer because it imports nothing of the package."""
+  assert not import_graph()["psvae_jax.tree_paths"]

@@ -27,7 +27,8 @@ def test_readme_recipe_restores_the_smoke_checkpoint(tmp_path):
   recipe = readme_recipe()
   assert "psvae_jax" not in recipe
   workdir = str(tmp_path / "svae")
-  config = write_run(workdir, load_config("configs/svae.py:smoke"))
+  config = load_config("configs/svae.py:smoke")
+  write_run(workdir, config)
   script = tmp_path / "restore.py"
   script.write_text(recipe)
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # psvae_jax not importable

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from psvae_jax.tools import sample_bench
+from psvae_jax.tools import files, sample_bench
 from psvae_jax.runs import default_mesh
 
 
@@ -80,22 +80,23 @@ def test_bad_prompt_files(tmp_path):
                               samples_per_prompt=5)
 
 
-def test_an_interrupted_write_leaves_nothing_the_scorers_read(tmp_path, monkeypatch):
+def test_a_killed_write_leaves_nothing_the_scorers_read(tmp_path, monkeypatch):
   """GenEval scores the files of samples/ whose names start with r'\\d+\\.png'; DPG-Bench every
-  file of its folder, keyed by the name before the first dot: a half-written sample must match
-  neither."""
-  def half_then_fail(self, path, format):  # pylint: disable=redefined-builtin
-    with open(path, "wb") as f:
-      f.write(b"\x89PNG\r\n")
+  file of its folder, keyed by the name before the first dot. A write killed before its rename
+  leaves only the temporary file, whose name must match neither."""
+  temporaries = []
+
+  def killed(src, dst):
+    temporaries.append(os.path.basename(src))
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(Image.Image, "save", half_then_fail)
+  monkeypatch.setattr(files.os, "replace", killed)
   samples = tmp_path / "00000" / "samples"
-  samples.mkdir(parents=True)
-  with pytest.raises(KeyboardInterrupt):
-    sample_bench._save_png(np.zeros((4, 4, 3), np.uint8), str(samples / "0000.png"))
-  with pytest.raises(KeyboardInterrupt):
-    sample_bench._save_png(np.zeros((4, 4, 3), np.uint8), str(tmp_path / "prompt_1.png"))
-  left = os.listdir(samples)
-  assert left and not any(re.match(r"\d+\.png", name) for name in left)
-  assert all(name.split(".")[0] in ("", "00000") for name in os.listdir(tmp_path))
+  for path in (samples / "0000.png", tmp_path / "prompt_1.png"):
+    with pytest.raises(KeyboardInterrupt):
+      files.write_png(str(path), np.zeros((4, 4, 3), np.uint8))
+  assert len(temporaries) == 2
+  assert not any(re.match(r"\d+\.png", name) for name in temporaries)
+  assert all(name.split(".")[0] == "" for name in temporaries)
+  assert not os.listdir(samples) and os.listdir(tmp_path) == ["00000"]
+
