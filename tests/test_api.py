@@ -6,18 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_svae_config
 from psvae_jax import api
 from psvae_jax.tasks.autoencoder import reconstruct, unit_range_to_uint8
-from tools.t2i_run import STEP, write_run, write_t2i_run
+from tools.t2i_run import STEP, write_psvae_run, write_t2i_run
 
 
 @pytest.fixture(scope="module")
 def psvae_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("api") / "psvae")
-  config = tiny_svae_config()
-  config.task = "psvae"
-  write_run(workdir, config)
+  write_psvae_run(workdir)
   return workdir
 
 

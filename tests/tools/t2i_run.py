@@ -44,6 +44,15 @@ def write_t2i_run(workdir: str, **overrides):
   return write_run(workdir, tiny_t2i_config(**overrides))
 
 
+def write_psvae_run(workdir: str):
+  """A tiny PS-VAE run (the conftest's shrunk S-VAE shapes, task psvae); returns its config."""
+  from conftest import tiny_svae_config
+
+  config = tiny_svae_config()
+  config.task = "psvae"
+  return write_run(workdir, config)
+
+
 def write_run(workdir: str, config):
   """Writes a checkpoint at STEP of `config`'s task with random values and latent statistics
   for config.model.autoencoder (T2I) or config.model (PS-VAE); returns the config."""

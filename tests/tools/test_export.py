@@ -14,7 +14,6 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file
 
-from conftest import tiny_svae_config
 from psvae_jax import api
 from psvae_jax.models.mmdit import mmdit_preset
 from psvae_jax.ports import diffusers as diffusers_port
@@ -23,7 +22,7 @@ from psvae_jax.ports.common import WeightLoadError
 from psvae_jax.ports.inverse import flat_params
 from psvae_jax.tools import export
 from psvae_jax.tools.restore_run import default_mesh
-from t2i_run import write_run, write_t2i_run
+from t2i_run import write_psvae_run, write_t2i_run
 
 TOL = 1e-4
 ONE = jax.devices()[:1]
@@ -32,9 +31,7 @@ ONE = jax.devices()[:1]
 @pytest.fixture(scope="module")
 def psvae_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("export") / "psvae")
-  config = tiny_svae_config()
-  config.task = "psvae"
-  write_run(workdir, config)
+  write_psvae_run(workdir)
   return workdir
 
 
