@@ -62,3 +62,22 @@ def test_generator_is_deterministic_and_prompt_major(tmp_path):
   again = gen.generate(["a red circle", "a blue square"], seed=3, steps=1, num_images=2)
   np.testing.assert_array_equal(images, again)
   assert gen.sampling_settings()["sample_steps"] == 2  # the override does not stick
+
+
+@pytest.mark.slow
+def test_editor_keeps_the_input_kind_and_size(tmp_path):
+  from test_edit import tiny_edit_config
+  from test_edit import write_run as write_edit_run
+
+  workdir = str(tmp_path / "edit")
+  write_edit_run(workdir, tiny_edit_config())
+  editor = api.Editor.load(workdir)
+  size = int(editor.config.data.image_size)
+  rng = np.random.default_rng(0)
+  arrays = rng.integers(0, 256, (3, size, size, 3), np.uint8)
+  edited = editor.edit(arrays, "make it blue", seed=1, steps=1)
+  assert edited.shape == arrays.shape and edited.dtype == np.uint8
+  np.testing.assert_array_equal(edited, editor.edit(arrays, "make it blue", seed=1, steps=1))
+  pil = [Image.fromarray(rng.integers(0, 256, (20, 30, 3), np.uint8))]
+  (out,) = editor.edit(pil, ["add a red circle"], steps=1)
+  assert isinstance(out, Image.Image) and out.size == (30, 20)
