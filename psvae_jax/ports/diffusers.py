@@ -40,17 +40,24 @@ def _load_autoencoder_kl(path: str, config: dict, tensors: dict[str, np.ndarray]
   # Abstract construction (no random init): every parameter is then set from the checkpoint.
   decoder = nnx.eval_shape(lambda: PixelDecoder(**kwargs, dtype=dtype, param_dtype=jnp.float32,
                                                 rngs=nnx.Rngs(0)))
+  targets, pool = autoencoder_kl_targets(decoder, tensors, path=path)
+  assign(decoder, targets, pool, what=f"AutoencoderKL decoder from {path}")
+  return decoder
+
+
+def autoencoder_kl_targets(decoder: nnx.Module, tensors: dict[str, np.ndarray], *,
+                           path: str = "checkpoint") -> tuple[dict, TensorPool]:
+  """Maps AutoencoderKL tensors to {PixelDecoder param path: array} for every parameter of
+  `decoder` (encoder-side tensors are ignored)."""
   pool = TensorPool(tensors, source=path)
   pool.ignore(lambda n: n.startswith(("encoder.", "quant_conv.")))
-  params = nnx.to_flat_state(nnx.state(decoder, nnx.Param))
   targets = {}
-  for key_path, _ in params:
+  for key_path, _ in nnx.to_flat_state(nnx.state(decoder, nnx.Param)):
     name = path_str(key_path)
     source, transform = _autoencoder_kl_source(name, pool)
     array = pool.take(source)
     targets[name] = None if array is None else transform(array)
-  assign(decoder, targets, pool, what=f"AutoencoderKL decoder from {path}")
-  return decoder
+  return targets, pool
 
 
 def _pixel_decoder_kwargs(path: str, config: dict) -> dict:

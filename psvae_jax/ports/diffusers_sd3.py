@@ -152,16 +152,9 @@ def _check_pos_table(pool: TensorPool, cfg: MMDiTConfig, path: str) -> None:
                           "supported")
 
 
-def load_sd3(path: str, config: dict, tensors: dict[str, np.ndarray], *,
-             dtype: Dtype = jnp.float32, scan_layers: bool = False,
-             attention_impl: str = "xla") -> MMDiT:
-  """An MMDiT with the weights of a diffusers SD3Transformer2DModel (float32 parameters,
-  `dtype` compute)."""
-  cfg = sd3_mmdit_config(config, path=path)
-  # Abstract construction: every parameter is overwritten, so none is initialised.
-  model = nnx.eval_shape(lambda: MMDiT(cfg, scan_layers=scan_layers,
-                                       attention_impl=attention_impl, dtype=dtype,
-                                       param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+def sd3_targets(tensors: dict[str, np.ndarray], cfg: MMDiTConfig, *, path: str = "checkpoint",
+                scan_layers: bool = False) -> tuple[dict, TensorPool]:
+  """Maps SD3Transformer2DModel tensors to {MMDiT param path: array} (the map above)."""
   pool = TensorPool(tensors, source=path)
   targets: dict[str, np.ndarray | None] = {}
   w = pool.take("pos_embed.proj.weight")
@@ -185,5 +178,19 @@ def load_sd3(path: str, config: dict, tensors: dict[str, np.ndarray], *,
   _linear(pool, "proj_out", "proj_out", targets)
   if scan_layers:
     targets = to_scanned_params(targets, cfg)
+  return targets, pool
+
+
+def load_sd3(path: str, config: dict, tensors: dict[str, np.ndarray], *,
+             dtype: Dtype = jnp.float32, scan_layers: bool = False,
+             attention_impl: str = "xla") -> MMDiT:
+  """An MMDiT with the weights of a diffusers SD3Transformer2DModel (float32 parameters,
+  `dtype` compute)."""
+  cfg = sd3_mmdit_config(config, path=path)
+  # Abstract construction: every parameter is overwritten, so none is initialised.
+  model = nnx.eval_shape(lambda: MMDiT(cfg, scan_layers=scan_layers,
+                                       attention_impl=attention_impl, dtype=dtype,
+                                       param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  targets, pool = sd3_targets(tensors, cfg, path=path, scan_layers=scan_layers)
   assign(model, targets, pool, what=f"SD3Transformer2DModel from {path}")
   return model

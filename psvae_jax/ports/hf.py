@@ -224,36 +224,38 @@ def _dinov2_targets(pool: TensorPool, config: EncoderConfig, prefix: str) -> dic
   if config.num_register_tokens:
     t["register_tokens"] = _squeeze_leading(take(f"{p}embeddings.register_tokens"), 2)
   for i in range(config.depth):
-    L = f"{p}encoder.layer.{i}."
-    if config.mlp_type == "swiglu":
-      if f"{L}mlp.weights_in.weight" in pool:
-        mlp = {"mlp.gate.kernel": (f"{L}mlp.weights_in.weight", 0, 2),
-               "mlp.up.kernel": (f"{L}mlp.weights_in.weight", 1, 2),
-               "mlp.gate.bias": (f"{L}mlp.weights_in.bias", 0, 2),
-               "mlp.up.bias": (f"{L}mlp.weights_in.bias", 1, 2)}
-      else:
-        mlp = {f"mlp.{a}.{kind}": f"{L}mlp.{b}_proj.{w}" for a, b in (("gate", "gate"),
-                                                                       ("up", "up"))
-               for kind, w in (("kernel", "weight"), ("bias", "bias"))}
-      down = _first_present(pool, f"{L}mlp.weights_out.weight", f"{L}mlp.down_proj.weight")
-      down = down.rsplit(".", 1)[0]
-      mlp.update({"mlp.down.kernel": f"{down}.weight", "mlp.down.bias": f"{down}.bias"})
-    else:
-      mlp = {f"mlp.{fc}.{kind}": f"{L}mlp.{fc}.{w}" for fc in ("fc1", "fc2")
-             for kind, w in (("kernel", "weight"), ("bias", "bias"))}
-    out = f"blocks.blocks.{i}"
-    attn = {name: _first_present(pool, f"{L}attention.attention.{legacy}.weight",
-                                 f"{L}attention.{new}.weight").rsplit(".", 1)[0]
-            for name, legacy, new in (("q", "query", "q_proj"), ("k", "key", "k_proj"),
-                                      ("v", "value", "v_proj"))}
-    o = _first_present(pool, f"{L}attention.output.dense.weight",
-                       f"{L}attention.o_proj.weight").rsplit(".", 1)[0]
-    block = _block_targets(pool, out, **attn, o=o, norm1=f"{L}norm1", norm2=f"{L}norm2",
-                           qkv_bias=config.qkv_bias,
-                           mlp={f"{out}.{k_}": v_ for k_, v_ in mlp.items()},
-                           ls1=f"{L}layer_scale1.lambda1", ls2=f"{L}layer_scale2.lambda1")
-    t.update(block)
+    t.update(_dinov2_layer_targets(pool, config, f"{p}encoder.layer.{i}.", f"blocks.blocks.{i}"))
   return t
+
+
+def _dinov2_layer_targets(pool: TensorPool, config: EncoderConfig, L: str, out: str) -> dict:
+  """One Dinov2Layer (checkpoint prefix `L`) -> one TransformerBlock at module path `out`."""
+  if config.mlp_type == "swiglu":
+    if f"{L}mlp.weights_in.weight" in pool:
+      mlp = {"mlp.gate.kernel": (f"{L}mlp.weights_in.weight", 0, 2),
+             "mlp.up.kernel": (f"{L}mlp.weights_in.weight", 1, 2),
+             "mlp.gate.bias": (f"{L}mlp.weights_in.bias", 0, 2),
+             "mlp.up.bias": (f"{L}mlp.weights_in.bias", 1, 2)}
+    else:
+      mlp = {f"mlp.{a}.{kind}": f"{L}mlp.{b}_proj.{w}" for a, b in (("gate", "gate"),
+                                                                     ("up", "up"))
+             for kind, w in (("kernel", "weight"), ("bias", "bias"))}
+    down = _first_present(pool, f"{L}mlp.weights_out.weight", f"{L}mlp.down_proj.weight")
+    down = down.rsplit(".", 1)[0]
+    mlp.update({"mlp.down.kernel": f"{down}.weight", "mlp.down.bias": f"{down}.bias"})
+  else:
+    mlp = {f"mlp.{fc}.{kind}": f"{L}mlp.{fc}.{w}" for fc in ("fc1", "fc2")
+           for kind, w in (("kernel", "weight"), ("bias", "bias"))}
+  attn = {name: _first_present(pool, f"{L}attention.attention.{legacy}.weight",
+                               f"{L}attention.{new}.weight").rsplit(".", 1)[0]
+          for name, legacy, new in (("q", "query", "q_proj"), ("k", "key", "k_proj"),
+                                    ("v", "value", "v_proj"))}
+  o = _first_present(pool, f"{L}attention.output.dense.weight",
+                     f"{L}attention.o_proj.weight").rsplit(".", 1)[0]
+  return _block_targets(pool, out, **attn, o=o, norm1=f"{L}norm1", norm2=f"{L}norm2",
+                        qkv_bias=config.qkv_bias,
+                        mlp={f"{out}.{k_}": v_ for k_, v_ in mlp.items()},
+                        ls1=f"{L}layer_scale1.lambda1", ls2=f"{L}layer_scale2.lambda1")
 
 
 def _siglip_targets(pool: TensorPool, config: EncoderConfig, prefix: str) -> dict:
@@ -269,14 +271,30 @@ def _siglip_targets(pool: TensorPool, config: EncoderConfig, prefix: str) -> dic
       "norm.bias": take(f"{p}post_layernorm.bias"),
   }
   for i in range(config.depth):
-    L = f"{p}encoder.layers.{i}."
-    out = f"blocks.blocks.{i}"
-    mlp = {f"{out}.mlp.{fc}.{kind}": f"{L}mlp.{fc}.{w}" for fc in ("fc1", "fc2")
-           for kind, w in (("kernel", "weight"), ("bias", "bias"))}
-    t.update(_block_targets(pool, out, q=f"{L}self_attn.q_proj", k=f"{L}self_attn.k_proj",
-                            v=f"{L}self_attn.v_proj", o=f"{L}self_attn.out_proj",
-                            norm1=f"{L}layer_norm1", norm2=f"{L}layer_norm2", mlp=mlp))
+    t.update(_siglip_layer_targets(pool, config, f"{p}encoder.layers.{i}.", f"blocks.blocks.{i}"))
   return t
+
+
+def _siglip_layer_targets(pool: TensorPool, config: EncoderConfig, L: str, out: str) -> dict:
+  """One SiglipEncoderLayer (checkpoint prefix `L`) -> one TransformerBlock at `out`."""
+  del config  # every SigLIP layer has the same layout
+  mlp = {f"{out}.mlp.{fc}.{kind}": f"{L}mlp.{fc}.{w}" for fc in ("fc1", "fc2")
+         for kind, w in (("kernel", "weight"), ("bias", "bias"))}
+  return _block_targets(pool, out, q=f"{L}self_attn.q_proj", k=f"{L}self_attn.k_proj",
+                        v=f"{L}self_attn.v_proj", o=f"{L}self_attn.out_proj",
+                        norm1=f"{L}layer_norm1", norm2=f"{L}layer_norm2", mlp=mlp)
+
+
+def layer_stack_targets(tensors: dict, config: EncoderConfig, depth: int, *, src: str, dst: str,
+                        path: str = "checkpoint") -> tuple[dict, TensorPool]:
+  """Maps `depth` transformers layers named `{src}{i}.` (Dinov2Layer for the dinov2 family,
+  SiglipEncoderLayer for siglip) to TransformerBlocks at `{dst}.{i}` (unscanned)."""
+  pool = TensorPool(tensors, source=path)
+  layer = _dinov2_layer_targets if config.family == "dinov2" else _siglip_layer_targets
+  targets = {}
+  for i in range(depth):
+    targets.update(layer(pool, config, f"{src}{i}.", f"{dst}.{i}"))
+  return targets, pool
 
 
 def _qwen2_targets(pool: TensorPool, config: TextEncoderConfig, prefix: str) -> dict:

@@ -43,7 +43,7 @@ from flax import nnx
 
 from psvae_jax import runs, sharding
 from psvae_jax.config_base import ConfigError
-from psvae_jax.runs import default_mesh, load_run_model, run_config
+from psvae_jax.runs import default_mesh, run_config
 from psvae_jax.tools import cli, files
 
 DTYPES = ("float32", "bfloat16")
@@ -93,7 +93,8 @@ def load_frozen_model(workdir: str, *, mesh, text_encoder: str = "qwen2.5-0.5b",
     if given:
       raise ConfigError(f"{workdir} is a T2I run: its own text encoder and tokenizer are used; "
                         f"drop --{', --'.join(given)}")
-    task, model, config, extras = load_run_model(workdir, mesh=mesh)
+    from psvae_jax import api
+    task, model, config, extras, _ = api._open_run(workdir, None, True, mesh)
     return task, model, {"run": workdir, "run_task": "t2i", "step": int(extras["step"])}
   if stored.task != "psvae":
     raise ConfigError(f"{workdir}: a {stored.task!r} run; cache_latents reads a T2I or a "

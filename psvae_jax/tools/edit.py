@@ -34,14 +34,17 @@ class InputError(ValueError):
 
 def load_edit_run(workdir: str):
   """(task, model, config, extras) of an edit run's latest checkpoint (EMA weights); extras
-  as `runs.load_run_model` returns them (with 'step')."""
-  from psvae_jax.runs import load_run_model, run_config
+  with 'step' and 'weights', opened through `psvae_jax.api.Editor`."""
+  from psvae_jax import api
+  from psvae_jax.runs import run_config
 
   task_name = run_config(workdir).get("task")
   if task_name != "edit":
     raise InputError(f"{workdir} is a {task_name!r} run; editing needs an edit run "
                      "(configs/edit.py)")
-  return load_run_model(workdir)
+  editor = api.Editor.load(workdir)
+  return editor.task, editor.model, editor.config, {"step": editor.step,
+                                                     "weights": editor.weights}
 
 
 def decode_input_image(data: bytes, what: str) -> Image.Image:

@@ -36,7 +36,7 @@ from flax import nnx
 
 from psvae_jax import sharding
 from psvae_jax.metrics.precision import full_precision
-from psvae_jax.runs import default_mesh, load_run_model
+from psvae_jax.runs import default_mesh
 from psvae_jax.tools import cli, files
 from psvae_jax.tree_paths import path_keys
 
@@ -207,7 +207,8 @@ def evaluate_reconstruction(workdir: str, data: str, *, num_images: int = 1000,
   if batch_size < 1 or batch_size % dp:
     raise ValueError(f"--batch_size={batch_size} must be a positive multiple of the "
                      f"{dp} devices the batch is split over")
-  task, model, config, extras = load_run_model(workdir, use_ema=use_ema, mesh=mesh)
+  from psvae_jax import api
+  task, model, config, extras, _ = api._open_run(workdir, None, use_ema, mesh)
   if not isinstance(task, AutoencoderTask):
     raise ValueError(f"{workdir}: eval_recon evaluates autoencoder runs (svae, psvae); this run "
                      f"is config.task={config.task!r}")

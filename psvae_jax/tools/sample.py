@@ -15,7 +15,7 @@ sampling settings (seed, steps, shift, CFG scale, batch size, weights, step).
 
 Images come from the run's EMA generator (--nouse_ema: the raw parameters) with the run's
 sampler settings (config.flow: Euler steps, inference shift, CFG scale; --sample_steps /
---cfg_scale override them) at the run's image size, via `eval_t2i.generate_images`: images are
+--cfg_scale override them) at the run's image size, via `psvae_jax.api.Generator`: images are
 sampled in batches of --batch_size in prompt order (each prompt's samples next to each other)
 and batch b draws its noise from fold_in(key(seed), b), so the same flags give the same images.
 Edit runs (configs/edit.py) sample text-to-image without a source image (EditTask.generate).
@@ -34,8 +34,7 @@ from absl import app, flags
 
 from psvae_jax import sharding
 from psvae_jax.tools import cli, files
-from psvae_jax.tools.eval_t2i import generate_images
-from psvae_jax.runs import default_mesh, load_run_model, run_config
+from psvae_jax.runs import default_mesh, run_config
 
 TASKS = ("t2i", "edit")  # runs whose `generate` samples captions without other inputs
 MANIFEST = "prompts.jsonl"
@@ -95,29 +94,29 @@ def sample_images(workdir: str, prompts: list[str], *, num_samples: int = 1, see
     raise ValueError("--workdir is required (the run's directory, with checkpoints/)")
   if not workdir.startswith("gs://") and not os.path.isdir(workdir):
     raise FileNotFoundError(f"--workdir={workdir}: no such directory")
+  from psvae_jax import api
+
   task_name = run_config(workdir).get("task")
   if task_name not in TASKS:
     raise ValueError(f"{workdir}: sample draws text-to-image samples from t2i or edit runs; "
                      f"this run is config.task={task_name!r}")
   mesh = default_mesh() if mesh is None else mesh
   dp = sharding.data_parallel_size(mesh)
-  rows = [p for p in prompts for _ in range(num_samples)]
-  batch_size = batch_size or max(dp, min(MAX_BATCH, -(-len(rows) // dp) * dp))
+  rows = len(prompts) * num_samples
+  batch_size = batch_size or max(dp, min(MAX_BATCH, -(-rows // dp) * dp))
   if batch_size < 1 or batch_size % dp:
     raise ValueError(f"--batch_size={batch_size} must be a positive multiple of the {dp} "
                      "devices the batch is split over")
-  task, model, config, extras = load_run_model(workdir, use_ema=use_ema, mesh=mesh)
-  f = task.config.flow
-  if sample_steps:
-    f.sample_steps = int(sample_steps)
-  if cfg_scale:
-    f.cfg_scale = float(cfg_scale)
-  images = generate_images(task, model, rows, batch_size=batch_size, seed=seed, mesh=mesh)
-  settings = {"workdir": workdir, "task": task_name, "step": int(extras["step"]),
-              "weights": extras["weights"], "image_size": int(images.shape[1]),
-              "seed": int(seed), "sample_steps": int(f.sample_steps),
-              "sample_shift": float(f.sample_shift), "cfg_scale": float(f.cfg_scale),
-              "batch_size": int(batch_size)}
+  generator = api.Generator.load(workdir, ema=use_ema, mesh=mesh)
+  used = generator.sampling_settings()
+  used.update({k: v for k, v in (("sample_steps", int(sample_steps)),
+                                 ("cfg_scale", float(cfg_scale))) if v})
+  images = generator.generate(prompts, seed=seed, steps=used["sample_steps"],
+                              cfg_scale=used["cfg_scale"], num_images=num_samples,
+                              batch_size=batch_size)
+  settings = {"workdir": workdir, "task": task_name, "step": generator.step,
+              "weights": generator.weights, "image_size": int(images.shape[1]),
+              "seed": int(seed), **used, "batch_size": int(batch_size)}
   return images.reshape(len(prompts), num_samples, *images.shape[1:]), settings
 
 

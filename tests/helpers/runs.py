@@ -47,6 +47,16 @@ def write_t2i_run(workdir: str, **overrides):
   return config
 
 
+def write_psvae_run(workdir: str):
+  """A tiny PS-VAE run (the shrunk S-VAE shapes, task psvae); returns its config."""
+  from helpers.configs import tiny_svae_config
+
+  config = tiny_svae_config()
+  config.task = "psvae"
+  write_run(workdir, config)
+  return config
+
+
 def write_run(workdir: str, config, *, step: int = STEP, seed: int = 0) -> tuple[dict, dict]:
   """Writes a checkpoint at `step` of `config`'s task with random values and latent statistics
   for config.model.autoencoder (T2I, edit) or config.model (PS-VAE). Returns the trainable +
