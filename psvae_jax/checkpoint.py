@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from psvae_jax import checkpoint_checksums as checksums
+from psvae_jax.errors import UserError
 
 ITEMS = ("state", "ema", "data", "config", "extras")
 PYTREE_ITEMS = ("state", "ema")
@@ -35,7 +36,7 @@ STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 SET_ASIDE_SUFFIX = ".corrupt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint could not be restored; the message names the directory and the cause."""
 
 

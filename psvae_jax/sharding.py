@@ -28,6 +28,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from psvae_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, Any] = {
@@ -41,7 +43,7 @@ LOGICAL_RULES: dict[str, Any] = {
 }
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
   """The configured mesh cannot be built on the available devices."""
 
 
