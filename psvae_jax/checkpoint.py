@@ -24,6 +24,7 @@ from etils import epath
 
 from psvae_jax import checkpoint_checksums as checksums
 from psvae_jax.tree_paths import flatten_dotted
+from psvae_jax.errors import UserError
 
 PYTREE_ITEMS = ("state", "ema")
 # Orbax's name for a step directory still being written ('<step>.orbax-checkpoint-tmp...').
@@ -35,7 +36,7 @@ STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 SET_ASIDE_SUFFIX = ".corrupt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint could not be restored; the message names the directory and the cause."""
 
 

@@ -23,12 +23,14 @@ import json
 
 from etils import epath
 
+from psvae_jax.errors import UserError
+
 MANIFEST_FILE = "checksums.json"
 _ALGORITHM = "sha256"
 _CHUNK_BYTES = 1 << 22
 
 
-class ChecksumError(ValueError):
+class ChecksumError(UserError, ValueError):
   """A step's files differ from its manifest (or the manifest itself is unreadable); `file` is
   the differing file's name in the manifest (None for the manifest itself)."""
 

@@ -12,9 +12,10 @@ from typing import Any
 import ml_collections
 
 from psvae_jax.data.config import default_data_config
+from psvae_jax.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value is missing, of the wrong type or inconsistent."""
 
 

@@ -32,6 +32,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from psvae_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, Any] = {
@@ -53,7 +55,7 @@ LOGICAL_RULES: dict[str, Any] = {
 IMAGE_AXES = ("image_batch", "image_rows", None, None)
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
   """The configured mesh cannot be built on the available devices."""
 
 

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from psvae_jax import checkpoint as ckpt_lib
-from psvae_jax import config_base, perf, runs, sharding
+from psvae_jax import config_base, console, perf, runs, sharding
 from psvae_jax import train_state as ts
 from psvae_jax.metrics_log import RunLogger
 from psvae_jax.optim import ema_update, learning_rate_schedule
@@ -252,7 +252,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """Runs (or resumes) one stage to `config.total_steps`; returns a summary of the run."""
   from psvae_jax import data as data_lib
 
+  started = time.perf_counter()
   config_base.validate(config, platform=(devices or jax.devices())[0].platform)
+  _check_start_paths(config)
   config = runs.with_parent_config(config)
   task = get_task(config)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -268,10 +270,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   summary: dict[str, Any] = {"workdir": workdir}
   try:
     with jax.set_mesh(mesh):
-      layout = ts.make_train_setup(task, config, mesh)
+      # The data first: a bad source is reported before the model is built and compiled.
       data_iterator = data_lib.make_train_iterator(
           config.data, global_batch_size=config.batch_size, seed=config.seed,
           process_index=jax.process_index(), process_count=jax.process_count())
+      layout = ts.make_train_setup(task, config, mesh)
       state, ema, source = restore_or_init(task, config, layout, checkpointer, data_iterator,
                                            mesh)
       start = int(jax.device_get(state["step"]))
@@ -282,16 +285,35 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                    source, summary["trainable_params"], summary["frozen_params"],
                    dict(mesh.shape))
       if start >= config.total_steps:
-        logging.info("already at total_steps=%d: nothing to do", config.total_steps)
+        console.say("%s: already at step %d in %s, nothing to do", config.task, start, workdir)
         summary["final_step"] = start
         return summary
+      console.say("%s: start in %s at step %d/%d (%s)", config.task, workdir, start,
+                  config.total_steps, source)
       summary.update(_run_steps(task, config, workdir, layout, mesh, state, ema, start,
                                 data_iterator, checkpointer, logger, watch, peak))
+      console.say("%s: done, step %d in %s, %s: %s", config.task, summary["final_step"],
+                  console.duration(time.perf_counter() - started), workdir,
+                  console.headline(summary))
       return summary
   finally:
     watch.restore_handler()
     checkpointer.close()
     logger.close()
+
+
+def _check_start_paths(config) -> None:
+  """A missing config.init, config.resume or config.model.*_weights directory is reported
+  before anything is built or compiled."""
+  from etils import epath
+
+  paths = {"init": config.get("init"), "resume": config.get("resume"),
+           **{f"model.{k}": v for k, v in (config.get("model") or {}).items()
+              if k.endswith("_weights")}}
+  for key, path in paths.items():
+    if isinstance(path, str) and path and not epath.Path(path).exists():
+      raise ckpt_lib.CheckpointError(f"config.{key}={path!r}: no such directory (expected a "
+                                     "run's workdir or a converted-weights directory)")
 
 
 def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iterator,
@@ -354,6 +376,7 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
       scalars["progress/eta_s"] = (config.total_steps - done) / max(
           scalars["perf/steps_per_s"], 1e-9)
       logger.scalars(done, scalars)
+      console.say("%s: %s", config.task, console.progress_line(done, config.total_steps, scalars))
       last_logged = scalars
       t_log, steps_since_log = time.perf_counter(), 0
     if config.eval_every and (done % config.eval_every == 0 or is_last):

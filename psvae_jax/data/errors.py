@@ -1,12 +1,14 @@
 """Data errors, the marker for a skipped record, and the bad-record bound."""
 import dataclasses
 
+from psvae_jax.errors import UserError
+
 # The bad-record bound is only checked once this many records have been read, so a few bad files
 # at the very start of a run do not stop it.
 MIN_RECORDS_FOR_BAD_CHECK = 100
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
   """A data source or pipeline problem the user has to fix (bad spec, too many bad records...)."""
 
 

@@ -31,6 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from psvae_jax.console import say
 from psvae_jax.data import sources
 from psvae_jax.data.config import default_data_config
 from psvae_jax.data.errors import BadRecord, DataError, check_bad_fraction
@@ -312,9 +313,15 @@ def make_eval_batches(data_config, *, batch_size: int, num_batches: int, seed: i
     if len(good) == needed:
       break
   check_bad_fraction(len(good) + bad, bad, cfg.max_bad_fraction, examples)
-  if len(good) < needed:
-    raise DataError(f"held-out data {source!r} gave {len(good)} usable examples ({bad} bad), "
-                    f"{needed} needed for {num_batches} batches of {batch_size}")
+  if not good:
+    raise DataError(f"held-out data {source!r} has no usable example ({bad} bad); add images "
+                    "or set data.eval_source")
   if bad:
     logging.warning("eval data: skipped %d bad records, e.g. %s", bad, examples[:3])
+  if len(good) < needed:
+    # A small held-out set: as many batches as it fills, the last completed by repeating it.
+    num_batches = -(-len(good) // batch_size)
+    say("data: eval on the %d usable held-out examples, repeated to fill %d batch(es) of %d",
+        len(good), num_batches, batch_size)
+    good = [good[i % len(good)] for i in range(num_batches * batch_size)]
   return [collate(good[i * batch_size:(i + 1) * batch_size]) for i in range(num_batches)]

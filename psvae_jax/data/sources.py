@@ -26,6 +26,7 @@ from absl import logging
 from grain.experimental import index_shuffle
 import grain
 
+from psvae_jax.console import say
 from psvae_jax.data import synthetic
 from psvae_jax.data.errors import BadRecord, DataError
 from psvae_jax.data.shards import decode_record
@@ -318,12 +319,26 @@ def open_source(spec: SourceSpec, cfg, *, role: str):
   return TfdsSource(spec.arg, split, cfg.tfds_data_dir, cfg.caption_key)
 
 
-def _split_held_out(source, eval_size: int, spec: SourceSpec):
+# Without data.eval_source, at most this fraction of a folder/arrayrecord source is held out.
+MAX_HELD_OUT_FRACTION = 0.1
+
+
+def held_out_size(eval_size: int, num_records: int) -> int:
+  """Records of a source held out for eval: data.eval_size, capped at 10% of the source (at
+  least 1), so a small folder keeps most of its images for training."""
+  return min(eval_size, max(1, int(num_records * MAX_HELD_OUT_FRACTION)))
+
+
+def _split_held_out(source, eval_size: int, spec: SourceSpec, *, announce: bool = False):
   n = len(source)
-  if eval_size * 2 > n:
-    raise DataError(f"data.eval_size={eval_size} would hold out more than half of {spec} "
-                    f"({n} records); lower data.eval_size or set data.eval_source")
-  return Subset(source, eval_size, n), Subset(source, 0, eval_size)
+  held = held_out_size(eval_size, n)
+  if n - held < 1:
+    raise DataError(f"{spec} has {n} record(s): too few to hold {held} out for eval and train "
+                    "on the rest; add images or set data.eval_source")
+  if announce and held < eval_size:
+    say("data: %d of the %d records of %s held out for eval (data.eval_size=%d is capped at "
+        "%d%% of the source)", held, n, spec, eval_size, round(100 * MAX_HELD_OUT_FRACTION))
+  return Subset(source, held, n), Subset(source, 0, held)
 
 
 def _holds_out(spec: SourceSpec) -> bool:
@@ -335,7 +350,7 @@ def train_source(cfg):
   spec = parse_source(cfg.source)
   source = open_source(spec, cfg, role="train")
   if not cfg.eval_source and _holds_out(spec) and cfg.eval_size > 0:
-    return _split_held_out(source, cfg.eval_size, spec)[0]
+    return _split_held_out(source, cfg.eval_size, spec, announce=True)[0]
   return source
 
 

@@ -14,13 +14,14 @@ import numpy as np
 from flax import nnx
 
 from psvae_jax.tree_paths import path_str
+from psvae_jax.errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(UserError, ValueError):
   """A checkpoint cannot be ported: unreadable, unsafe, or not matching the model."""
 
 

@@ -31,14 +31,16 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from psvae_jax.errors import UserError
+
 GIB = 1024**3
 
 
-class TopologyError(ValueError):
+class TopologyError(UserError, ValueError):
   """The --topology string is not a TPU slice this tool knows."""
 
 
-class LibTpuMissing(RuntimeError):
+class LibTpuMissing(UserError, RuntimeError):
   """libtpu (the TPU compiler) is not installed."""
 
 

@@ -23,12 +23,13 @@ from psvae_jax.data.decode import load_rgb
 from psvae_jax.data.errors import BadImage
 from psvae_jax.data.preprocess import resize_center_crop
 from psvae_jax.tools import cli, files
+from psvae_jax.errors import UserError
 
 FITS = ("squash", "crop")
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
   """An input file (image, benchmark) cannot be used; the message names it and why."""
 
 
