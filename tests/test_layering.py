@@ -3,7 +3,7 @@
 Every module is parsed with `ast`, imports inside functions included, so a lazy import cannot
 hide an edge. Layers: models never import tasks; tasks never import the loop (train), its
 setup (train_state), the tools or the command line (main); ports import only models, ports and
-the leaf helper tree_paths (which imports nothing of the package); and the graph of the package's modules has no cycle.
+the leaf helpers tree_paths and errors (which import nothing of the package); and the graph of the package's modules has no cycle.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ FORBIDDEN = (
                          "psvae_jax.main", "psvae_jax.runs", "psvae_jax.stage_chain")),
 )
 # Ports import nothing of the package but these.
-PORTS_MAY_IMPORT = ("psvae_jax.models", "psvae_jax.ports", "psvae_jax.tree_paths")
+LEAF_HELPERS = ("psvae_jax.tree_paths", "psvae_jax.errors")
+PORTS_MAY_IMPORT = ("psvae_jax.models", "psvae_jax.ports", *LEAF_HELPERS)
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -115,6 +116,7 @@ def test_ports_import_only_models_and_ports():
   assert not bad, "ports import beyond models/ports: " + "; ".join(bad)
 
 
-def test_tree_paths_is_a_leaf():
-  """tree_paths may be imported from every layer because it imports nothing of the package."""
-  assert not import_graph()["psvae_jax.tree_paths"]
+@pytest.mark.parametrize("module", LEAF_HELPERS)
+def test_leaf_helpers_import_nothing_of_the_package(module):
+  """The leaf helpers may be imported from every layer because they import nothing of it."""
+  assert not import_graph()[module]
