@@ -44,6 +44,7 @@ from psvae_jax.data import synthetic
 from psvae_jax.data.synthetic_score import detect_objects
 from psvae_jax.tools import cli, files
 from psvae_jax.tools import edit as edit_tool
+from psvae_jax.tools.eval_t2i import randomize_generator
 
 ROWS = ("trained", "source_identity", "reconstruction", "random_init")
 DEFAULT_PSNR_THRESHOLD = 25.0  # dB; the toy PS-VAE itself reconstructs this world at ~30 dB
@@ -155,19 +156,6 @@ def reconstruct(task, model, images: np.ndarray, batch_size: int) -> np.ndarray:
                          for i in range(0, len(images), batch_size)])
 
 
-def randomise_generator(task, model, seed: int) -> None:
-  """Replaces the generator's parameters by a fresh MMDiT initialisation (in place)."""
-  from psvae_jax.models import mmdit
-  from psvae_jax.tasks import autoencoder_parts
-
-  config = task.config
-  fresh = mmdit.MMDiT(task.generator, scan_layers=config.model.scan_layers,
-                      dtype=autoencoder_parts.compute_dtype(config), rngs=nnx.Rngs(seed))
-  target = nnx.state(model.generator, nnx.Param)
-  autoencoder_parts.fill_subtree(nnx.State({"generator": target}), "generator",
-                      nnx.state(fresh, nnx.Param), what=f"a random initialisation (seed {seed})")
-
-
 def _check_size(images: np.ndarray, size: int, what: str) -> None:
   if images.shape[1:3] != (size, size):
     raise ValueError(f"{what} are {images.shape[1:3]} px but the run's images are {size} px: "
@@ -196,7 +184,7 @@ def evaluate_edits(workdir: str, *, num: int = 50, random_init: bool = False,
   timings["trained"] = time.time() - t0
   images["reconstruction"] = reconstruct(task, model, sources, batch_size)
   if random_init:
-    randomise_generator(task, model, seed)
+    randomize_generator(task, model, seed)
     t0 = time.time()
     images["random_init"] = task.edit(model, sources, instructions, seed=seed,
                                       batch_size=batch_size, **sampling)
