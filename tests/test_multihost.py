@@ -70,7 +70,8 @@ def _launch(workdir, log_dir, total_steps: int, tag: str) -> list[str]:
       logs.append(log_path)
       cmd = [sys.executable, "-m", "psvae_jax.main", "--config=configs/svae.py:smoke",
              f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
-             f"--num_processes={NUM_PROCESSES}", f"--process_id={pid}"]
+             f"--num_processes={NUM_PROCESSES}", f"--process_id={pid}",
+             "--log_level=info"]  # the assertions read INFO lines from the console
       cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
       with open(log_path, "w") as log:
         procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=log,

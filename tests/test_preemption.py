@@ -10,7 +10,8 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--config=configs/svae.py:smoke", "--config.checkpoint_every=100000",
+# --log_level=info: the assertions read the library's INFO lines from the console.
+ARGS = ["--config=configs/svae.py:smoke", "--log_level=info", "--config.checkpoint_every=100000",
         "--config.eval_every=0", "--config.log_every=1",
         "--config.logging.tensorboard=False", "--config.model.svae_depth=1",
         "--config.data.image_size=32", "--config.model.pixel_decoder.ch_mult=(1,1,1,2)",
