@@ -8,6 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from helpers.batches import assert_same_batch as _same
 from helpers.images import png_with_header_size
 
 from psvae_jax.data import DataError, loader, make_eval_batches, make_train_iterator
@@ -27,13 +28,6 @@ def _take(it, n):
   return out
 
 
-def _same(a, b):
-  assert a.keys() == b.keys()
-  for key in a:
-    if a[key].dtype == object:
-      assert list(a[key]) == list(b[key]), key
-    else:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_batch_layout_and_determinism():
