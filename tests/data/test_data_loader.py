@@ -212,6 +212,8 @@ def test_random_flip_is_deterministic(tmp_path):
     ({"colour_space": "rgb"}, {}, "unknown data config keys"),
     ({"image_size": 2}, {}, "image_size=2"),
     ({"max_bad_fraction": 1.5}, {}, "max_bad_fraction"),
+    ({"worker_timeout_s": -1.0}, {}, "worker_timeout_s"),
+    ({"worker_restarts": -1}, {}, "worker_restarts"),
     ({}, {"batch": 7, "count": 2}, "not a positive multiple"),
     ({}, {"index": 2, "count": 2}, "process_index=2"),
     ({"random_flip": True}, {}, "random_flip"),
