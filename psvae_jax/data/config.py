@@ -25,6 +25,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.synthetic_size = 100_000
   # grain worker processes (0 = decode in threads of the training process).
   c.num_workers = 0
+  # With worker processes: the longest the training loop waits inside one next() for a batch
+  # before the workers count as stuck and are restarted (the first batch after the workers start
+  # gets 120 s more; time spent outside next(), e.g. compiling, never counts; 0 = no limit).
+  c.worker_timeout_s = 300.0
+  # How often per launch the workers are restarted at the exact position after one dies (e.g.
+  # the OOM killer's SIGKILL) or is stuck; past that the pipeline stops with DataError.
+  c.worker_restarts = 2
   # Decoding threads in each process (the training process or each worker).
   c.read_threads = 8
   # Batches buffered ahead (per worker when num_workers > 0).

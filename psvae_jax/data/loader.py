@@ -3,8 +3,8 @@
 Training pipeline (grain Dataset API):
   source -> global shuffle (reshuffled per epoch) -> repeat forever -> decode + preprocess
   (lazy, per global position) -> this process's positions p, p+P, p+2P, ... -> read threads ->
-  skip bad records (counted) -> batch of B/P -> [worker processes | thread prefetch]
-  -> DataIterator (counters, bad-record bound).
+  skip bad records (counted) -> batch of B/P -> [worker processes, supervised (workers.py) |
+  thread prefetch] -> DataIterator (counters, bad-record bound).
 Process p of P takes every P-th position of one global order, so processes see disjoint
 examples, and (with no bad records, num_workers=0) the union of their local batches k is the
 global batch k of a single process.
@@ -21,6 +21,7 @@ data.max_bad_fraction. The counters are part of the iterator state (checkpointed
 import atexit
 import dataclasses
 import functools
+import os
 import weakref
 from typing import Any, Sequence
 
@@ -33,6 +34,7 @@ import numpy as np
 
 from psvae_jax.console import say
 from psvae_jax.data import sources
+from psvae_jax.data import workers
 from psvae_jax.data.config import default_data_config
 from psvae_jax.data.errors import BadRecord, DataError, check_bad_fraction
 from psvae_jax.data.preprocess import prepare_example
@@ -64,6 +66,8 @@ def resolve_data_config(data_config) -> ml_collections.ConfigDict:
       "min_image_size": cfg.min_image_size >= 1,
       "synthetic_size": cfg.synthetic_size >= 1,
       "eval_size": cfg.eval_size >= 0,
+      "worker_timeout_s": cfg.worker_timeout_s >= 0,
+      "worker_restarts": cfg.worker_restarts >= 0,
   }
   bad = [k for k, ok in checks.items() if not ok]
   if bad:
@@ -210,6 +214,11 @@ class DataIterator(grain.DatasetIterator):
     return {"seen": self._seen, "bad": self._bad, "caption_fallback": self._caption_fallback,
             "examples_of_bad": list(self._examples)}
 
+  @property
+  def worker_restarts(self) -> int:
+    """How often this launch restarted the worker processes (0 without workers)."""
+    return getattr(self._parent, "restarts", 0)
+
   def get_state(self) -> dict[str, Any]:
     return {"pipeline": self._parent.get_state(), **self.stats()}
 
@@ -272,19 +281,27 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
   ds = ds[index::count]
   it_ds = _SkipBadIterDataset(ds.to_iter_dataset(_read_options(cfg)))
   it_ds = it_ds.batch(global_batch_size // count, drop_remainder=True, batch_fn=collate)
+  description = f"{source!r}, process {index}/{count}, seed {seed}"
   if cfg.num_workers > 0:
     # grain's worker processes read absl flags; outside an absl app (tests, notebooks) they
     # were never parsed, so their defaults are taken.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=cfg.num_workers, per_worker_buffer_size=max(1, cfg.prefetch)))
-  elif cfg.prefetch > 0:
-    it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=cfg.prefetch)
-  description = f"{source!r}, process {index}/{count}, seed {seed}"
+    it_ds = it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+                                     per_worker_buffer_size=max(1, cfg.prefetch)),
+        worker_init_fn=functools.partial(workers.end_with_parent, os.getpid()))
+    pipeline = workers.SupervisedWorkerIterator(
+        it_ds, num_workers=cfg.num_workers, timeout_s=cfg.worker_timeout_s,
+        max_restarts=cfg.worker_restarts, description=description)
+  else:
+    if cfg.prefetch > 0:
+      it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds,
+                                                           prefetch_buffer_size=cfg.prefetch)
+    pipeline = it_ds.__iter__()
   logging.info("training data: %s, %d rows per process batch", description,
                global_batch_size // count)
-  return DataIterator(it_ds.__iter__(), cfg.max_bad_fraction, description)
+  return DataIterator(pipeline, cfg.max_bad_fraction, description)
 
 
 def make_eval_batches(data_config, *, batch_size: int, num_batches: int, seed: int = 0) -> list[dict]:

@@ -8,6 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from helpers.batches import assert_same_batch as _same
 from helpers.images import png_with_header_size
 
 from psvae_jax.data import DataError, loader, make_eval_batches, make_train_iterator
@@ -27,13 +28,6 @@ def _take(it, n):
   return out
 
 
-def _same(a, b):
-  assert a.keys() == b.keys()
-  for key in a:
-    if a[key].dtype == object:
-      assert list(a[key]) == list(b[key]), key
-    else:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_batch_layout_and_determinism():
@@ -218,6 +212,8 @@ def test_random_flip_is_deterministic(tmp_path):
     ({"colour_space": "rgb"}, {}, "unknown data config keys"),
     ({"image_size": 2}, {}, "image_size=2"),
     ({"max_bad_fraction": 1.5}, {}, "max_bad_fraction"),
+    ({"worker_timeout_s": -1.0}, {}, "worker_timeout_s"),
+    ({"worker_restarts": -1}, {}, "worker_restarts"),
     ({}, {"batch": 7, "count": 2}, "not a positive multiple"),
     ({}, {"index": 2, "count": 2}, "process_index=2"),
     ({"random_flip": True}, {}, "random_flip"),
