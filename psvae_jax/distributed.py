@@ -1,4 +1,8 @@
-"""Multi-host start-up: `jax.distributed.initialize` from flags or the cluster environment."""
+"""Multi-host start-up: `jax.distributed.initialize` from flags or the cluster environment.
+
+JAX's own preemption sync service is switched off: its SIGTERM handler would swallow the signal
+that `preemption.PreemptionWatch` listens for, and the watch agrees on the stop step itself.
+"""
 from __future__ import annotations
 
 import logging
@@ -24,6 +28,7 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
   Explicit flags win; without them, a detected cluster (TPU pod, SLURM, MPI) is auto-configured;
   otherwise this is a single-process run and nothing is done.
   """
+  jax.config.update("jax_enable_preemption_service", False)  # before initialize reads it
   explicit = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
@@ -40,3 +45,9 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
     return
   logging.info("process %d of %d; %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def key_value_client():
+  """The distributed runtime's key-value store client (None in a single-process run)."""
+  from jax._src import distributed as jax_distributed  # the store has no public accessor
+  return jax_distributed.global_state.client
