@@ -75,12 +75,13 @@ def _worker_pid(tmp_path) -> int:
   return int(path.read_text())
 
 
-@pytest.mark.reliability(fault="the distributed runtime aborts the worker (lost peer)",
+@pytest.mark.reliability(fault="the distributed runtime aborts the worker: {peer}",
                          expected="one line naming the lost process, exit 75; the runtime's "
                          "report in the log file")
-@pytest.mark.parametrize("report,lost", [(COORDINATOR_SAW_PEER_DIE, "process 1 (no heartbeat"),
-                                         (COORDINATOR_GONE, "process 0, the coordinator")])
-def test_runtime_abort_becomes_one_line(tmp_path, report, lost):
+@pytest.mark.parametrize("peer,report,lost", [
+    ("process 1 sent no heartbeat", COORDINATOR_SAW_PEER_DIE, "process 1 (no heartbeat"),
+    ("process 0 closed its connection", COORDINATOR_GONE, "process 0, the coordinator")])
+def test_runtime_abort_becomes_one_line(tmp_path, peer, report, lost):
   proc = _start(tmp_path, "abort", report)
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == EXIT_PEER_LOST, err
