@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable
 
@@ -25,20 +23,13 @@ from psvae_jax import config_base, console, perf, runs, sharding
 from psvae_jax import train_state as ts
 from psvae_jax.metrics_log import RunLogger
 from psvae_jax.optim import ema_update, learning_rate_schedule
+from psvae_jax.preemption import Preempted, PreemptionWatch
 from psvae_jax.tasks import get_task
 from psvae_jax.tasks.base import Task
 
 
 class NonFiniteError(FloatingPointError):
   """The loss or gradient norm became NaN/Inf (config.nonfinite='raise')."""
-
-
-class Preempted(SystemExit):
-  """Raised after a SIGTERM-triggered checkpoint was written; exit code 143 (128 + SIGTERM)."""
-
-  def __init__(self, step: int):
-    super().__init__(143)
-    self.step = step
 
 
 # --- the step ------------------------------------------------------------------------------
@@ -121,31 +112,6 @@ def eval_model(layout: ts.TrainSetup, state, ema) -> nnx.Module:
   """The model with EMA params (if any), for sampling outside the step."""
   params = ema if ema is not None else state["params"]
   return layout.merge(params, state["frozen"], state["other"])
-
-
-# --- preemption ----------------------------------------------------------------------------
-
-class PreemptionWatch:
-  """SIGTERM -> flag. Multi-process runs agree on the step through Orbax's preemption sync."""
-
-  def __init__(self):
-    self.flag = threading.Event()
-    self._previous = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
-    self.flag.set()
-
-  def reached(self, manager, step: int) -> bool:
-    if jax.process_count() > 1:
-      return bool(manager.reached_preemption(step)) or False
-    return self.flag.is_set()
-
-  def restore_handler(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 # --- resume --------------------------------------------------------------------------------
@@ -297,7 +263,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                   console.headline(summary))
       return summary
   finally:
-    watch.restore_handler()
+    watch.close()
     checkpointer.close()
     logger.close()
 
@@ -355,6 +321,7 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
   last_eval: dict[str, float] = {}
   t_log, steps_since_log = time.perf_counter(), 0
   step = start
+  watch.begin(start, config.total_steps)
   for step in range(start, config.total_steps):
     host_batch = task.prepare_batch(next(data_iterator))
     batch = sharding.host_local_to_global(host_batch, mesh)
@@ -386,10 +353,12 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
     if is_last:
       task.finalize(eval_model(layout, state, ema),
                     lambda n: separate_training_batches(task, config, mesh, n))
-    if (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last:
+    saved = (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last
+    if saved:
       save(done)
-    if watch.reached(checkpointer.manager, done):
-      save(done, force=True)
+    if watch.should_stop(done):
+      if not saved:
+        save(done, force=True)
       checkpointer.wait()
       raise Preempted(done)
   checkpointer.wait()

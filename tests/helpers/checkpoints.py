@@ -27,9 +27,11 @@ def restore_all(workdir, step=None):
     tree = ocp.StandardCheckpointer().restore(path, target)
     for name, leaf in flatten_dotted(tree).items():
       out[f"{item}/{name}"] = np.asarray(leaf)
-  data = glob.glob(os.path.join(directory, str(step), "data", "*.json"))
-  with open(data[0]) as f:
-    out["data"] = f.read()
+  data = {}  # one position per process
+  for path in sorted(glob.glob(os.path.join(directory, str(step), "data", "*.json"))):
+    with open(path) as f:
+      data[os.path.basename(path)] = f.read()
+  out["data"] = data
   reader.close()
   return step, out
 
