@@ -122,7 +122,11 @@ def command(name: str, out_dir: str, quick: bool, suite: str = "cpu",
   """The command line of benchmark `name` of `suite`; `extra_args` come last (they win)."""
   module, args, quick_args = SUITES[suite][name]
   json_path = os.path.join(out_dir, f"{name}.json")
-  return [sys.executable, "-m", module, *args, *(quick_args if quick else []), *extra_args,
+  # TPU compiles also keep their optimised HLO: the FLOP breakdown can be recounted from it
+  # without another 10-40 min compile.
+  hlo = ([f"--hlo_out={os.path.join(out_dir, f'{name}.hlo')}"]
+         if module == "psvae_jax.tools.aot" else [])
+  return [sys.executable, "-m", module, *args, *(quick_args if quick else []), *hlo, *extra_args,
           f"{_JSON_FLAG.get(name, '--out')}={json_path}"]
 
 

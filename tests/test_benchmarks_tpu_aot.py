@@ -21,6 +21,12 @@ def test_set_becomes_config_overrides():
   assert extra == ("--config.attention_impl=splash",)
 
 
+def test_compiles_keep_their_hlo_next_to_the_json():
+  cmd = run.command("psvae_v5p_8", "/out", quick=False, suite="tpu_aot")
+  assert "--hlo_out=/out/psvae_v5p_8.hlo" in cmd and cmd[-1] == "--out=/out/psvae_v5p_8.json"
+  assert not any(a.startswith("--hlo_out") for a in run.command("mmdit_step", "/out", False))
+
+
 def test_table_row():
   report = {"config": "configs/psvae.py:tpu_v5p", "topology": "v5p:2x2x2",
             "mesh": {"data": 8, "fsdp": 1, "tensor": 1}, "batch_size": 96, "total_gib": 20.25,

@@ -313,6 +313,9 @@ def define_flags() -> None:
   _FLAGS["breakdown"] = flags.DEFINE_bool(
       "breakdown", False, "Add the per-source FLOPs and collective bytes of the compiled HLO "
       "(psvae_jax.tools.hlo_breakdown) to the report.")
+  _FLAGS["hlo_out"] = flags.DEFINE_string(
+      "hlo_out", "", "Also write the compiled step's optimised HLO text to this file (input of "
+      "python -m psvae_jax.tools.hlo_breakdown).")
   _FLAGS["margin"] = flags.DEFINE_float(
       "margin", 0.05, "Fraction of HBM kept free when deciding `fits`.")
   _FLAGS["example_source"] = flags.DEFINE_string(
@@ -348,6 +351,9 @@ def main(argv):
   report = fit_report(config, _config_spec(sys.argv), topology, compiled, mesh, task,
                       _FLAGS["margin"].value)
   report["compile_s"] = round(compile_s, 1)
+  if _FLAGS["hlo_out"].value:
+    with open(_FLAGS["hlo_out"].value, "w") as f:
+      f.write(compiled.as_text())
   if _FLAGS["breakdown"].value:
     from psvae_jax.tools import hlo_breakdown
     report["breakdown"] = hlo_breakdown.breakdown(compiled.as_text())

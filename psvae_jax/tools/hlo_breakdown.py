@@ -3,10 +3,15 @@
   python -m psvae_jax.tools.hlo_breakdown FILE.hlo      (the text of `compiled.as_text()`)
 
 Every dot and convolution (fused or not) is counted as 2 x output elements x contraction size
-(padding taps included, so convolutions on small maps read a little high) and attributed to
-the innermost file of this project on its stack (the module's StackFrames table):
+and attributed to the innermost file of this project on its stack (the module's StackFrames table):
 models/lpips.py, models/pixel_decoder.py, ... Collectives are counted with their output bytes. Loop bodies are
 counted once (the autoencoder steps have no scanned layers); per chip, as the HLO is.
+
+A convolution's contraction counts only the window taps that land on real input elements:
+padding and the holes of an input dilation are skipped. The TPU compiler writes batched matmuls
+(attention's) as convolutions whose window spans the batch dimensions with an input dilation as
+large as the window, so that each output element meets one real tap; counting the whole window
+would multiply those matmuls' FLOPs by the batch size.
 """
 from __future__ import annotations
 
@@ -83,10 +88,55 @@ def _flops(op: str, out_dims: list[int], line: str, shapes: dict[str, list[int]]
     match = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line)
     contract = math.prod(lhs[int(i)] for i in match.group(1).split(",") if i) if match else 1
     return 2.0 * math.prod(out_dims) * contract
-  kernel = shapes.get(operands[1], [])
-  labels = re.search(r"dim_labels=[^_]+_([^-]+)->", line)
-  out_features = kernel[labels.group(1).index("o")] if labels and kernel else 1
-  return 2.0 * math.prod(out_dims) * math.prod(kernel) / max(out_features, 1)
+  lhs, kernel = shapes.get(operands[0], []), shapes.get(operands[1], [])
+  labels = re.search(r"dim_labels=([^_]+)_([^-]+)->", line)
+  if not (labels and kernel and lhs):
+    return 2.0 * math.prod(out_dims) * math.prod(kernel)  # unlabelled: an upper bound
+  lhs_labels, kernel_labels = labels.groups()
+  in_features = kernel[kernel_labels.index("i")]
+  window = _window(line)
+  taps = 1.0
+  for d, label in enumerate(kernel_labels):
+    if label.isdigit():
+      taps *= _mean_valid_taps(lhs[lhs_labels.index(label)], kernel[d],
+                               out_dims[_output_position(line, label)],
+                               {k: v[int(label)] for k, v in window.items()})
+  return 2.0 * math.prod(out_dims) * in_features * taps
+
+
+def _window(line: str) -> dict[str, list]:
+  """The convolution's window attributes per spatial dimension: stride, pad (low, high),
+  lhs_dilate, rhs_dilate (absent ones are the identity for every dimension)."""
+  match = re.search(r"window=\{([^}]*)\}", line)
+  fields = dict(item.split("=", 1) for item in match.group(1).split()) if match else {}
+  count = len(fields.get("size", "").split("x")) if fields.get("size") else 0
+  ints = lambda key, default: ([int(v) for v in fields[key].split("x")] if key in fields
+                               else [default] * count)
+  pads = ([tuple(int(p) for p in v.split("_")) for v in fields["pad"].split("x")]
+          if "pad" in fields else [(0, 0)] * count)
+  return {"stride": ints("stride", 1), "pad": pads, "lhs_dilate": ints("lhs_dilate", 1),
+          "rhs_dilate": ints("rhs_dilate", 1)}
+
+
+def _output_position(line: str, label: str) -> int:
+  """Index of spatial dimension `label` in the convolution's output shape."""
+  out_labels = re.search(r"->(\w+)", line).group(1)
+  return out_labels.index(label)
+
+
+def _mean_valid_taps(in_size: int, window: int, out_size: int, w: dict) -> float:
+  """Kernel taps per output position, averaged over the output, that read a real input
+  element (not padding, not a hole of the input dilation)."""
+  if not w:
+    return float(window)
+  dilated = (in_size - 1) * w["lhs_dilate"] + 1
+  low = w["pad"][0]
+  valid = 0
+  for o in range(out_size):
+    for k in range(window):
+      at = o * w["stride"] + k * w["rhs_dilate"] - low
+      valid += 0 <= at < dilated and at % w["lhs_dilate"] == 0
+  return valid / max(out_size, 1)
 
 
 def breakdown(hlo_text: str) -> dict[str, dict[str, float]]:

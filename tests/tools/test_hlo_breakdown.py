@@ -1,10 +1,21 @@
 """psvae_jax.tools.hlo_breakdown: dot/convolution FLOPs per source file of a compiled step."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from psvae_jax.models import discriminator
 from psvae_jax.tools import hlo_breakdown
+
+
+def _valid_taps(size, window, stride, padding, lhs_dilation=1):
+  """Sum over output positions of the kernel taps that meet real input: the convolution of an
+  all-ones input with an all-ones kernel, computed by XLA itself."""
+  ones = jnp.ones((1, size, size, 1))
+  counts = jax.lax.conv_general_dilated(
+      ones, jnp.ones((window, window, 1, 1)), (stride, stride), [padding, padding],
+      lhs_dilation=(lhs_dilation, lhs_dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return float(np.asarray(counts).sum())
 
 
 def test_dot_and_conv_flops_are_exact_and_attributed():
@@ -17,7 +28,25 @@ def test_dot_and_conv_flops_are_exact_and_attributed():
   compiled = jax.jit(f).lower(state, jnp.ones((2, 16, 16, 3)), jnp.ones((8, 16)),
                               jnp.ones((16, 4))).compile()
   flops = hlo_breakdown.breakdown(compiled.as_text())["flops"]
-  # conv_in 4x4/2 3->8 on 16x16 -> 8x8; conv 4x4/1 8->16 -> 7x7; conv_out 4x4/1 16->1 -> 6x6.
-  conv = 2 * 2 * (8 * 8 * 8 * 48 + 7 * 7 * 16 * 128 + 6 * 6 * 1 * 256)
+  # conv_in 4x4/2 3->8 on 16x16 -> 8x8; conv 4x4/1 8->16 -> 7x7; conv_out 4x4/1 16->1 -> 6x6,
+  # all padded by 1: the padding taps are not counted.
+  conv = 2 * 2 * (_valid_taps(16, 4, 2, (1, 1)) * 3 * 8 + _valid_taps(8, 4, 1, (1, 1)) * 8 * 16
+                  + _valid_taps(7, 4, 1, (1, 1)) * 16 * 1)
   assert flops == {"convolution models/discriminator.py": conv, "dot (other)": 2 * 8 * 16 * 4}
   assert "TFLOP" in hlo_breakdown.format_breakdown({"flops": flops, "collective_bytes": {}})
+
+
+def test_input_dilation_holes_are_not_counted():
+  # The form the TPU compiler gives batched matmuls: a window as large as the input dilation,
+  # so each output element meets one real input element per spatial dimension.
+  def f(x, w):
+    return jax.lax.conv_general_dilated(x, w, (3, 3), [(0, 0), (0, 0)], lhs_dilation=(4, 4),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  x, w = jnp.ones((2, 4, 4, 16)), jnp.ones((4, 4, 16, 8))
+  text = jax.jit(f).lower(x, w).compile().as_text()
+  flops = sum(hlo_breakdown.breakdown(text)["flops"].values())
+  out = f(x, w)
+  taps = _valid_taps(4, 4, 3, (0, 0), lhs_dilation=4)
+  assert flops == 2 * 2 * taps * 16 * 8
+  assert flops < 2 * out.size * 16 * 16  # the whole window (4 x 4 taps) would count 16x this
