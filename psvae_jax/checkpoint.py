@@ -8,7 +8,8 @@ directory is reported and removed when the run restarts. A finalized step that w
 `checkpoint_checksums`) is detected on resume (`restore_newest`): it is skipped with a warning
 naming the step and the cause, and the newest complete step is used instead. Restores
 always go through abstract targets that carry the *current* run's shardings, so a checkpoint
-restores onto a different mesh shape or device count.
+restores onto a different mesh shape or device count, and retry transient storage errors
+(`storage_retry`, config.io) before anything is called damaged.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from psvae_jax import checkpoint_checksums as checksums
+from psvae_jax import storage_retry
 from psvae_jax.tree_paths import flatten_dotted
 from psvae_jax.errors import UserError
 
@@ -83,13 +85,16 @@ class Checkpointer:
   """The run's CheckpointManager with the project's items and retention policy."""
 
   def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0,
-               async_save: bool = True, create: bool = True, checksums: bool = True):
+               async_save: bool = True, create: bool = True, checksums: bool = True,
+               read_retry: storage_retry.RetryPolicy | None = None):
     """`create=False` opens another run's checkpoints for reading: nothing there is removed.
     `checksums`: write a SHA-256 manifest into each step once it is finalized (steps that have
-    one are always checked before a restore)."""
+    one are always checked before a restore). `read_retry`: how restores retry transient
+    storage errors (default: config.io's defaults)."""
     _configure_array_handler()
     self.directory = _abs(directory)
     self.checksums = checksums
+    self.read_retry = read_retry or storage_retry.RetryPolicy()
     self._steps_without_manifest: list[int] = []
     # Process 0 hashes finalized steps in this thread while training goes on (see
     # _write_manifests); its failure is raised at the next save, wait or close.
@@ -275,9 +280,18 @@ class Checkpointer:
               with_extras: bool = True) -> dict[str, Any]:
     """Restores the requested items at `step` onto the abstract targets' shardings.
 
-    Raises IncompleteCheckpointError for a step with missing or unreadable parts (never a
-    partial restore) and CheckpointError naming the differences for one that does not fit.
+    Transient storage errors are retried (`read_retry`, each retry logged); when they persist,
+    StorageReadError names the step, the attempts and the last error. Raises
+    IncompleteCheckpointError for a step with missing or unreadable parts (never a partial
+    restore) and CheckpointError naming the differences for one that does not fit.
     """
+    return self.read_retry.call(
+        self._restore_attempt, step, abstract_state=abstract_state, abstract_ema=abstract_ema,
+        data_iterator=data_iterator, with_extras=with_extras, what="restoring checkpoint",
+        path=self.step_dir(step))
+
+  def _restore_attempt(self, step: int, *, abstract_state, abstract_ema, data_iterator,
+                       with_extras: bool) -> dict[str, Any]:
     import grain
 
     self.verify(step)
@@ -311,9 +325,9 @@ class Checkpointer:
           except (ValueError, OSError) as meta_error:
             readable = False
             details.append(f"{name}: metadata unreadable ({meta_error})")
-      root = _root_cause(e)  # TensorStore's own status (e.g. OUT_OF_RANGE: ...) is the cause
-      cause = f"{type(root).__name__}: {_first_line(root)}"
-      if _is_transient(e):
+      # TensorStore's own status (e.g. OUT_OF_RANGE: ...) is the cause.
+      cause = storage_retry.describe(e)
+      if storage_retry.is_access_failure(e):
         raise CheckpointError(f"cannot read {self.directory}/{step} now ({cause}); not treated "
                               "as damage: retry when storage is reachable") from e
       if not readable or not details:
@@ -395,36 +409,6 @@ def unfinished_writes(directory: str) -> list[str]:
   return sorted(p.name for p in path.iterdir() if UNFINISHED_MARKER in p.name)
 
 
-# Storage errors that say nothing about the checkpoint itself (TensorStore status codes, Python
-# exception types): a step that fails with one of these is not skipped as damaged.
-_TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
-                    "UNAUTHENTICATED", "ABORTED", "CANCELLED")
-_TRANSIENT_TYPES = (PermissionError, ConnectionError, TimeoutError, MemoryError)
-
-
-def _error_chain(error: BaseException) -> list[BaseException]:
-  chain = []
-  while error is not None and all(error is not seen for seen in chain):
-    chain.append(error)
-    error = error.__cause__ or error.__context__
-  return chain
-
-
-def _root_cause(error: BaseException) -> BaseException:
-  return _error_chain(error)[-1]
-
-
-def _is_transient(error: BaseException) -> bool:
-  return any(isinstance(e, _TRANSIENT_TYPES) or any(code in str(e) for code in _TRANSIENT_CODES)
-             for e in _error_chain(error))
-
-
-def _first_line(error: BaseException, limit: int = 400) -> str:
-  text = str(error).strip().splitlines()
-  line = text[0] if text else ""
-  return line if len(line) <= limit else line[:limit] + "..."
-
-
 def tree_mismatches(item_dir: str, abstract_tree, label: str, *, strict: bool = False) -> list[str]:
   """Human-readable differences between a stored PyTree item and the tree a run expects:
   entries missing from the checkpoint, entries the model does not have, and shape changes.
@@ -447,13 +431,16 @@ def tree_mismatches(item_dir: str, abstract_tree, label: str, *, strict: bool = 
   return sorted(out, key=lambda line: ("opt_state" in line, line))  # parameters first
 
 
-def read_config(directory: str, step: int | None = None) -> dict:
+def read_config(directory: str, step: int | None = None,
+                read_retry: storage_retry.RetryPolicy | None = None) -> dict:
   """The config JSON stored with a checkpoint (latest step by default)."""
-  ckpt = Checkpointer(directory, create=False, async_save=False)
+  ckpt = Checkpointer(directory, create=False, async_save=False, read_retry=read_retry)
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"{directory}: no complete checkpoint")
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  restored = ckpt.read_retry.call(
+      ckpt.manager.restore, step, args=ocp.args.Composite(config=ocp.args.JsonRestore()),
+      what="reading the stored config of", path=ckpt.step_dir(step))
   return restored["config"]
 
 
@@ -468,14 +455,18 @@ def resolve_checkpoint_dir(path: str) -> str:
   return trimmed if os.path.basename(trimmed) == "checkpoints" else candidate
 
 
-def restore_tree(path: str, abstract_tree, *, what: str):
+def restore_tree(path: str, abstract_tree, *, what: str,
+                 read_retry: storage_retry.RetryPolicy | None = None):
   """Restores a standalone Orbax PyTree checkpoint (e.g. converted weights) onto shardings.
 
   The stored tree must match `abstract_tree`'s structure and shapes; mismatches are reported.
+  Transient storage errors are retried (`read_retry`, default config.io's defaults).
   """
   checkpointer = ocp.StandardCheckpointer()
+  retry = read_retry or storage_retry.RetryPolicy()
   try:
-    return checkpointer.restore(_abs(path), abstract_tree)
+    return retry.call(checkpointer.restore, _abs(path), abstract_tree, what=f"restoring {what}",
+                      path=path)
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
     raise CheckpointError(f"cannot restore {what} from {path}: {type(e).__name__}: {e}") from e
 

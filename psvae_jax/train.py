@@ -25,6 +25,7 @@ from psvae_jax import config_base, console, perf, runs, sharding
 from psvae_jax import train_state as ts
 from psvae_jax.metrics_log import RunLogger
 from psvae_jax.optim import ema_update, learning_rate_schedule
+from psvae_jax.storage_retry import RetryPolicy
 from psvae_jax.tasks import get_task
 from psvae_jax.tasks.base import Task
 
@@ -157,7 +158,8 @@ def separate_training_batches(task: Task, config, mesh, num_batches: int):
 
   iterator = data_lib.make_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed + 1,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      read_retry=RetryPolicy.from_config(config.io))
   try:
     for _ in range(num_batches):
       yield sharding.host_local_to_global(task.prepare_batch(next(iterator)), mesh)
@@ -183,7 +185,8 @@ def restore_or_init(task: Task, config, layout: ts.TrainSetup, checkpointer: ckp
     return _resumed(task, restored, checkpointer.directory, step, f"workdir step {step}")
   if config.resume:
     directory = ckpt_lib.resolve_checkpoint_dir(config.resume)
-    other = ckpt_lib.Checkpointer(directory, create=False, async_save=False)
+    other = ckpt_lib.Checkpointer(directory, create=False, async_save=False,
+                                  read_retry=checkpointer.read_retry)
     try:
       found = other.restore_newest(abstract_state=layout.abstract_state,
                                    abstract_ema=layout.abstract_ema, data_iterator=data_iterator)
@@ -261,10 +264,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   _check_batch_divisibility(config, mesh)
   write_config(config, workdir)
   logger = RunLogger(workdir, tensorboard=config.logging.tensorboard)
+  read_retry = RetryPolicy.from_config(config.io)
   checkpointer = ckpt_lib.Checkpointer(
       ckpt_lib.checkpoint_dir(workdir), keep=config.checkpoint.keep,
       keep_every=config.checkpoint.keep_every, async_save=config.checkpoint.async_save,
-      checksums=config.checkpoint.checksums)
+      checksums=config.checkpoint.checksums, read_retry=read_retry)
   watch = PreemptionWatch()
   peak = perf.peak_flops_per_device(config.logging.peak_flops_per_device, config.compute_dtype)
   summary: dict[str, Any] = {"workdir": workdir}
@@ -273,7 +277,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       # The data first: a bad source is reported before the model is built and compiled.
       data_iterator = data_lib.make_train_iterator(
           config.data, global_batch_size=config.batch_size, seed=config.seed,
-          process_index=jax.process_index(), process_count=jax.process_count())
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          read_retry=read_retry)
       layout = ts.make_train_setup(task, config, mesh)
       state, ema, source = restore_or_init(task, config, layout, checkpointer, data_iterator,
                                            mesh)
@@ -325,7 +330,7 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
   # Held-out batches for eval and for the end-of-run samples (identical on every process).
   eval_batches = data_lib.make_eval_batches(
       config.data, batch_size=config.batch_size, num_batches=max(config.eval_batches, 1),
-      seed=config.seed)
+      seed=config.seed, read_retry=checkpointer.read_retry)
   flops_per_example = task.flops_per_example()
   config_json = config_base.to_json(config)
 
