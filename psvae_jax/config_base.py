@@ -71,6 +71,11 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   # error listing each step's problem; True sets them aside and starts fresh (config.resume,
   # config.init or scratch). Damaged steps newer than a complete one are always skipped.
   c.checkpoint.allow_fresh_start = False
+  # A save that fails (disk full, I/O error, permission lost; the error names the path and the
+  # free space): 'stop' ends the run with the error; 'retry' logs it as a warning, training goes
+  # on and the next save tries again. The last save of a run and the SIGTERM save stop the run
+  # on failure either way. The newest complete step is never removed before a newer one exists.
+  c.checkpoint.on_save_error = "stop"
 
   # Reads of data shards, images, captions, latent caches and checkpoints retry transient
   # storage errors (I/O error, timeout, connection reset, UNAVAILABLE...; see storage_retry.py):
@@ -94,6 +99,7 @@ _CHOICES = {
     "attention_impl": ("xla", "cudnn", "splash"),
     "nonfinite": ("raise", "skip"),
     "optim.schedule": ("constant", "cosine"),
+    "checkpoint.on_save_error": ("stop", "retry"),
 }
 
 

@@ -268,7 +268,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointer = ckpt_lib.Checkpointer(
       ckpt_lib.checkpoint_dir(workdir), keep=config.checkpoint.keep,
       keep_every=config.checkpoint.keep_every, async_save=config.checkpoint.async_save,
-      checksums=config.checkpoint.checksums, read_retry=read_retry)
+      checksums=config.checkpoint.checksums, on_save_error=config.checkpoint.on_save_error,
+      read_retry=read_retry)
   watch = PreemptionWatch()
   peak = perf.peak_flops_per_device(config.logging.peak_flops_per_device, config.compute_dtype)
   summary: dict[str, Any] = {"workdir": workdir}
@@ -334,11 +335,13 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
   flops_per_example = task.flops_per_example()
   config_json = config_base.to_json(config)
 
-  def save(step: int, force: bool = False) -> None:
+  def save(step: int, force: bool = False, required: bool = False) -> None:
+    """A failed save stops the run or is a warning (config.checkpoint.on_save_error); a
+    `required` one (the last, the SIGTERM one) stops it either way."""
     _raise_if_nonfinite(state, config)
     extras = task.checkpoint_extras(eval_model(layout, state, ema))
     checkpointer.save(step, state=state, ema=ema, data_iterator=data_iterator,
-                      config_json=config_json, extras=extras, force=force)
+                      config_json=config_json, extras=extras, force=force, required=required)
 
   def run_eval(step: int) -> dict[str, float]:
     results = [eval_fn(state, ema, sharding.host_local_to_global(
@@ -391,14 +394,15 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
     if is_last:
       task.finalize(eval_model(layout, state, ema),
                     lambda n: separate_training_batches(task, config, mesh, n))
-    if (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last:
-      save(done)
-    if watch.reached(checkpointer.manager, done):
-      save(done, force=True)
+    preempted = watch.reached(checkpointer.manager, done)
+    if (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last or preempted:
+      save(done, force=preempted, required=is_last or preempted)
+    if preempted:
       checkpointer.wait()
       raise Preempted(done)
   checkpointer.wait()
-  return {"final_step": step + 1, "last_metrics": last_logged, "last_eval": last_eval}
+  return {"final_step": step + 1, "last_metrics": last_logged, "last_eval": last_eval,
+          "failed_saves": list(checkpointer.failed_saves)}
 
 
 def _to_host(x) -> np.ndarray:

@@ -133,6 +133,7 @@ def test_policy_from_config_and_pickle():
     ("io.retries", -1, "config.io.retries=-1"),
     ("io.initial_backoff_s", -0.5, "config.io.initial_backoff_s=-0.5"),
     ("io.max_backoff_s", 0.1, "config.io.max_backoff_s=0.1 must be >= "),
+    ("checkpoint.on_save_error", "ignore", "config.checkpoint.on_save_error='ignore'"),
 ])
 def test_config_validation(key, value, msg):
   config = config_base.base_config("svae")
