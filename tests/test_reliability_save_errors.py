@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import time
 
 import jax
@@ -27,6 +28,7 @@ from psvae_jax import train as train_lib
 from psvae_jax.tasks import TASKS
 
 from helpers.checkpoints import assert_same_checkpoint, restore_all
+from helpers.configs import SVAE_SMOKE_FLAGS
 from helpers.toy_task import TOY_TASK_ENTRY, toy_config
 from helpers.write_faults import WriteFaults
 
@@ -324,3 +326,34 @@ def test_sigterm_save(tmp_path, toy, write_faults, monkeypatch, outcome):
   with pytest.raises(ckpt_lib.CheckpointWriteError, match="step 2 .*no complete step is left"):
     train_lib.train(config, workdir)
 
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = [*SVAE_SMOKE_FLAGS, "--config.log_every=2", "--config.checkpoint_every=2",
+         "--config.checkpoint.keep=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.reliability(
+    fault="real full disk in a command-line run (8 MiB tmpfs, keep=1, about 5 MiB a step)",
+    expected="exit 2 with one line naming step 4, the path, the free space and step 2; no "
+             "traceback on the console; step 2 restorable")
+def test_full_disk_in_a_command_line_run(tmp_path, small_filesystem):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  # The checkpoints live on the small filesystem; the log and metrics stay on the large one.
+  os.symlink(small_filesystem("8m"), workdir / "checkpoints")
+  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 "
+             "--xla_llvm_disable_expensive_passes=true")
+  done = subprocess.run([sys.executable, "-m", "psvae_jax.main", f"--workdir={workdir}", *SMOKE,
+                         "--config.total_steps=6"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == errors.EXIT_USER_ERROR, done.stderr[-3000:]
+  last = done.stderr.strip().splitlines()[-1]
+  directory = str(workdir / "checkpoints")
+  assert last.startswith(f"error: checkpoint step 4 could not be saved to {directory}: "), last
+  assert "No space left on device" in last and "free of 8.0 MiB on the filesystem of" in last
+  assert last.endswith("the newest complete step is 2")
+  assert "Traceback" not in done.stderr
+  assert _listing(directory) == ["2"]
+  step, arrays = restore_all(str(workdir))
+  assert step == 2 and arrays
