@@ -80,15 +80,15 @@ def _assert_retried(caplog, flaky, fragment, k):
 
 # case -> (write the data under tmp_path: source spec, fragment of the path made flaky)
 CASES = {
-    "folder image": (lambda tmp: _folder(tmp / "images"), "img_2.png"),
-    "sidecar caption file": (lambda tmp: _folder(tmp / "images"), "img_1.txt"),
-    "arrayrecord shard": (lambda tmp: _shards(tmp / "shards", [
+    "a folder image": (lambda tmp: _folder(tmp / "images"), "img_2.png"),
+    "a sidecar caption file": (lambda tmp: _folder(tmp / "images"), "img_1.txt"),
+    "an ArrayRecord shard": (lambda tmp: _shards(tmp / "shards", [
         {"image": encode_image(np.full((40, 40, 3), 30 * i, np.uint8)), "caption": f"c {i}"}
         for i in range(N)]), "train-00001.array_record"),
 }
 
 
-@pytest.mark.reliability(fault="flaky storage: first {k} reads of a {case} fail (EIO)",
+@pytest.mark.reliability(fault="flaky storage: first {k} reads of {case} fail (EIO)",
                          expected="retried: same batch as undisturbed, k warnings naming the path")
 @pytest.mark.parametrize("k", [1, RETRIES])
 @pytest.mark.parametrize("case", list(CASES))
@@ -105,7 +105,7 @@ def test_transient_read_errors_are_retried(tmp_path, flaky, caplog, case, k):
   _assert_retried(caplog, flaky, fragment, k)
 
 
-@pytest.mark.reliability(fault="flaky storage: a {case} fails on every attempt (EIO)",
+@pytest.mark.reliability(fault="flaky storage: {case} fails on every attempt (EIO)",
                          expected="record skipped and counted as bad, reason says it was retried")
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_record_still_failing_after_the_retries_is_a_counted_bad_record(tmp_path, flaky,
@@ -162,8 +162,9 @@ def test_captions_file_read_is_retried_or_names_the_file(tmp_path, flaky, caplog
   assert len(_warnings(caplog, "captions.jsonl")) == k
 
 
+@pytest.mark.reliability(fault="a folder image deleted after the listing (FileNotFoundError)",
+                         expected="a bad record at once: permanent errors are not retried")
 def test_permanent_errors_are_not_retried(tmp_path, flaky, caplog):
-  """A file deleted after the listing is a bad record at once, without a retry."""
   root = tmp_path / "images"
   _folder(root)
   source = sources.FolderSource(str(root), _policy())
@@ -174,8 +175,9 @@ def test_permanent_errors_are_not_retried(tmp_path, flaky, caplog):
   assert not _warnings(caplog, "img_0.png")
 
 
+@pytest.mark.reliability(fault="sources pickled into grain's worker processes",
+                         expected="config.io's retry policy travels with them")
 def test_the_policy_travels_with_the_sources_into_worker_processes(tmp_path):
-  """grain pickles the sources into its worker processes: config.io goes with them."""
   policy = RetryPolicy(retries=7, initial_backoff_s=0.25, max_backoff_s=2.0)
   _folder(tmp_path / "images")
   folder = sources.FolderSource(str(tmp_path / "images"), policy)
