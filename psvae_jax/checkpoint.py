@@ -113,20 +113,25 @@ def _abs(path: str) -> str:
 
 
 _ORBAX_CONFIGURED = False
-# Orbax logs a failed save at ERROR with tracebacks from its background threads; the Checkpointer
-# reports the same failure as one line (CheckpointWriteError). These records are demoted to INFO:
-# kept in the log file, off the console.
+# Orbax logs a failed save at ERROR with tracebacks from its background threads (and asyncio
+# logs the failed writes of its other write tasks when they are collected, possibly after the
+# run's last line); the Checkpointer reports the same failure as one line (CheckpointWriteError).
+# These records are demoted to INFO: kept in the log file, off the console.
 _ORBAX_SAVE_FAILURE_LOGS = ("Handler Commit operations", "Save Finalize thread",
                             "Checkpointer failed", "raised an exception",
                             "Failed to write metadata")
+_ORBAX_PATH = f"{os.sep}orbax{os.sep}"
 
 
 class _OrbaxSaveFailuresToLogFile(logging.Filter):
-  """Demotes Orbax's ERROR records of a failed save to INFO (see _ORBAX_SAVE_FAILURE_LOGS)."""
+  """Demotes the ERROR records of a failed Orbax save to INFO (see _ORBAX_SAVE_FAILURE_LOGS)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname
-        and any(text in str(record.msg) for text in _ORBAX_SAVE_FAILURE_LOGS)):
+    text = str(record.msg)
+    if record.levelno >= logging.ERROR and (
+        (_ORBAX_PATH in record.pathname and any(t in text for t in _ORBAX_SAVE_FAILURE_LOGS))
+        or (record.name == "asyncio" and "exception was never retrieved" in text
+            and (_ORBAX_PATH in text or UNFINISHED_MARKER in text))):
       record.levelno, record.levelname = logging.INFO, "INFO"
     return True
 
@@ -146,7 +151,8 @@ def _configure_orbax() -> None:
   if _ORBAX_CONFIGURED:
     return
   _ORBAX_CONFIGURED = True
-  logging.getLogger("absl").addFilter(_SAVE_FAILURE_FILTER)  # Orbax logs through absl
+  for logger in ("absl", "asyncio"):  # Orbax logs through absl
+    logging.getLogger(logger).addFilter(_SAVE_FAILURE_FILTER)
   if jax.default_backend() == "cpu":
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
@@ -174,9 +180,6 @@ class Checkpointer:
     self.failed_saves: list[int] = []  # steps whose save failed under on_save_error='retry'
     # The save not yet waited for: (step, required). Its failure is attributed to that step.
     self._in_flight: tuple[int, bool] | None = None
-    # Steps whose save failed: their unfinished directories are removed (Orbax may still create
-    # one in the background after a save failed as it started).
-    self._failed_writes: set[int] = set()
     self._steps_without_manifest: list[int] = []
     # Process 0 hashes finalized steps in this thread while training goes on (see
     # _write_manifests); its failure is raised at the next save, wait or close.
@@ -233,7 +236,6 @@ class Checkpointer:
     # The previous save is finalized first (Orbax waits for it before starting this one); its
     # manifest is then written in the background.
     self._write_manifests(background=True)
-    self._remove_failed_writes()
     try:
       saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # pylint: disable=broad-except  (only storage errors are handled)
@@ -276,8 +278,7 @@ class Checkpointer:
       self._steps_without_manifest.remove(step)
     self._settle_failed_save(step)
     space = free_space(self.directory)
-    self._failed_writes.add(step)
-    self._remove_failed_writes()
+    self._remove_unfinished(step)
     self.manager.reload()
     if not storage_retry.is_storage_error(error):
       raise error
@@ -304,19 +305,17 @@ class Checkpointer:
         logging.info("checkpoint step %d: a background write of its failed save failed too: %s",
                       step, storage_retry.describe(e))
 
-  def _remove_failed_writes(self) -> None:
-    """Process 0 removes the unfinished '<step>.orbax-checkpoint-tmp*' directories of the steps
-    whose save failed (freeing what they took); one it cannot remove goes at the next start."""
-    if not self._failed_writes or jax.process_index() != 0 or _is_gcs(self.directory):
+  def _remove_unfinished(self, step: int) -> None:
+    """Process 0 removes the unfinished '<step>.orbax-checkpoint-tmp*' directory of a failed
+    save (freeing what it took); one it cannot remove is removed at the next start."""
+    if jax.process_index() != 0 or _is_gcs(self.directory):
       return
     for name in unfinished_writes(self.directory):
-      step = name.split(".", 1)[0]
-      if not (step.isdigit() and int(step) in self._failed_writes):
+      if name.split(".", 1)[0] != str(step):
         continue
       try:
         epath.Path(self.directory, name).rmtree()
       except OSError as e:
-        self._failed_writes.discard(int(step))  # said once, not at every save
         logging.warning("could not remove the unfinished checkpoint %s/%s (%s); it is removed "
                         "when the run starts again", self.directory, name, e)
 
