@@ -23,8 +23,8 @@ Reads go through `read_file` (folder images, caption files) and `read_shard_reco
 record still unreadable after the retries is a BadRecord whose reason says so; a permanent
 error (missing file, not an image) is not retried.
 """
-from concurrent import futures
 import bisect
+from concurrent import futures
 import dataclasses
 import glob
 import json
@@ -46,7 +46,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTIONS_FILE = "captions.jsonl"
 MAX_FILE_BYTES = 256 << 20  # an image file larger than this is skipped unread
 _HOLDOUT_SEED = 0x5EED  # fixed: the held-out subset never depends on the training seed
-_SHARD_OPEN_THREADS = 16
+_SHARD_OPEN_THREADS = 16  # shards opened (and their records counted) in parallel
 
 
 class FileTooLarge(ValueError):
