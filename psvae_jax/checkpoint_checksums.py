@@ -70,8 +70,13 @@ def write_manifest(step_dir: str) -> int:
     size, digest = file_digest(path)
     files[str(path.relative_to(root))] = {"size": size, _ALGORITHM: digest}
   temporary = root / (MANIFEST_FILE + ".tmp")
-  temporary.write_text(json.dumps({"algorithm": _ALGORITHM, "files": files}, indent=1))
-  temporary.rename(root / MANIFEST_FILE)
+  try:
+    temporary.write_text(json.dumps({"algorithm": _ALGORITHM, "files": files}, indent=1))
+    temporary.rename(root / MANIFEST_FILE)
+  except OSError:
+    if temporary.exists():  # a partial write (disk full): the step stays without a manifest
+      temporary.unlink()
+    raise
   return len(files)
 
 

@@ -13,6 +13,7 @@ import ml_collections
 
 from psvae_jax.data.config import default_data_config
 from psvae_jax.errors import UserError
+from psvae_jax.storage_retry import RetryPolicy
 
 
 class ConfigError(UserError, ValueError):
@@ -70,6 +71,21 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   # error listing each step's problem; True sets them aside and starts fresh (config.resume,
   # config.init or scratch). Damaged steps newer than a complete one are always skipped.
   c.checkpoint.allow_fresh_start = False
+  # A save that fails (disk full, I/O error, permission lost; the error names the path and the
+  # free space): 'stop' ends the run with the error; 'retry' logs it as a warning, training goes
+  # on and the next save tries again. The last save of a run and the SIGTERM save stop the run
+  # on failure either way. The newest complete step is never removed before a newer one exists.
+  c.checkpoint.on_save_error = "stop"
+
+  # Reads of data shards, images, captions, latent caches and checkpoints retry transient
+  # storage errors (I/O error, timeout, connection reset, UNAVAILABLE...; see storage_retry.py):
+  # up to `retries` more attempts, waiting initial_backoff_s, doubled each time, at most
+  # max_backoff_s; each retry is logged as a warning with the path. Permanent errors (missing
+  # file, not an image) are not retried.
+  c.io = ml_collections.ConfigDict()
+  c.io.retries = RetryPolicy.retries
+  c.io.initial_backoff_s = RetryPolicy.initial_backoff_s
+  c.io.max_backoff_s = RetryPolicy.max_backoff_s
 
   c.logging = ml_collections.ConfigDict()
   # Peak FLOP/s of one device for MFU; 0 = look up a table by device kind (CPU: measured).
@@ -83,6 +99,7 @@ _CHOICES = {
     "attention_impl": ("xla", "cudnn", "splash"),
     "nonfinite": ("raise", "skip"),
     "optim.schedule": ("constant", "cosine"),
+    "checkpoint.on_save_error": ("stop", "retry"),
 }
 
 
@@ -120,10 +137,21 @@ def validate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
       raise ConfigError(f"config.{key}={_get(config, key)} must be >= 0 (0 disables)")
   if not 0.0 <= config.optim.ema_decay < 1.0:
     raise ConfigError(f"config.optim.ema_decay={config.optim.ema_decay} must be in [0, 1)")
+  _validate_io(config.io)
   why = _ATTENTION_PLATFORMS.get((config.attention_impl, platform))
   if why:
     raise ConfigError(f"config.attention_impl={config.attention_impl!r} cannot run on platform "
                       f"{platform!r}: {why}")
+
+
+def _validate_io(io) -> None:
+  if io.retries < 0:
+    raise ConfigError(f"config.io.retries={io.retries} must be >= 0 (0 = no retry)")
+  if io.initial_backoff_s < 0:
+    raise ConfigError(f"config.io.initial_backoff_s={io.initial_backoff_s} must be >= 0")
+  if io.max_backoff_s < io.initial_backoff_s:
+    raise ConfigError(f"config.io.max_backoff_s={io.max_backoff_s} must be >= "
+                      f"config.io.initial_backoff_s={io.initial_backoff_s}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -22,6 +22,7 @@ from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import sharding
 from psvae_jax import train_state as ts
 from psvae_jax.config_base import ConfigError
+from psvae_jax.storage_retry import RetryPolicy
 from psvae_jax.tasks import get_task, task_class
 from psvae_jax.tasks.autoencoder_parts import fill_subtree
 
@@ -31,10 +32,11 @@ def default_mesh(devices=None) -> Mesh:
   return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
 
 
-def run_config(path: str, step: int | None = None) -> ml_collections.ConfigDict:
+def run_config(path: str, step: int | None = None,
+               read_retry: RetryPolicy | None = None) -> ml_collections.ConfigDict:
   """The config stored with a run's checkpoint (the latest one by default)."""
   return ml_collections.ConfigDict(
-      ckpt_lib.read_config(ckpt_lib.resolve_checkpoint_dir(path), step))
+      ckpt_lib.read_config(ckpt_lib.resolve_checkpoint_dir(path), step, read_retry))
 
 
 @dataclasses.dataclass
@@ -57,8 +59,8 @@ class RunWeights:
     return self.setup.merge(self.params.filter(self.setup.filters[0]), self.frozen, self.other)
 
 
-def load_run(path: str, mesh: Mesh, *, use_ema: bool = True,
-             step: int | None = None) -> RunWeights:
+def load_run(path: str, mesh: Mesh, *, use_ema: bool = True, step: int | None = None,
+             read_retry: RetryPolicy | None = None) -> RunWeights:
   """A run's weights placed on `mesh`.
 
   Args:
@@ -68,19 +70,20 @@ def load_run(path: str, mesh: Mesh, *, use_ema: bool = True,
       (frozen parameters and other variables come from the train state either way).
     step: checkpoint step; default the newest complete one (damaged newer steps are skipped
       with a warning).
+    read_retry: how reads retry transient storage errors (default: config.io's defaults).
   Raises:
     CheckpointError: no complete checkpoint, a step that does not exist, a config keeping EMA
       whose checkpoint has none, or one that does not match its own config.
   """
   directory = ckpt_lib.resolve_checkpoint_dir(path)
-  reader = ckpt_lib.Checkpointer(directory, create=False, async_save=False)
+  reader = ckpt_lib.Checkpointer(directory, create=False, async_save=False, read_retry=read_retry)
   try:
     if step is not None and int(step) not in reader.all_steps():
       raise ckpt_lib.CheckpointError(
           f"{directory}: no checkpoint at step {step}; have {sorted(reader.all_steps())}")
     if not reader.all_steps():
       raise ckpt_lib.CheckpointError(f"{directory}: no complete checkpoint")
-    config = ml_collections.ConfigDict(ckpt_lib.read_config(directory, step))
+    config = ml_collections.ConfigDict(ckpt_lib.read_config(directory, step, reader.read_retry))
     task = get_task(config)
     with jax.set_mesh(mesh):
       setup = ts.make_train_setup(task, config, mesh)
@@ -150,7 +153,7 @@ def with_parent_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
   parent = task_class(config.task).parent
   if parent is None or not config.get("init") or not parent.inherit:
     return config
-  stored = run_config(config.init)
+  stored = run_config(config.init, read_retry=RetryPolicy.from_config(config.get("io")))
   _check_parent_task(parent, stored, config.init)
   return inherit_parent_sections(config, stored)
 
@@ -200,8 +203,9 @@ def init_from_parent(task, params: nnx.State, path: str, mesh: Mesh) -> nnx.Stat
   `mesh`), after checking its task, matching config keys and extras; the rest goes to
   `task.from_parent`."""
   parent = task.parent
-  _check_parent_task(parent, run_config(path), path)
-  run = load_run(path, mesh)
+  read_retry = RetryPolicy.from_config(task.config.get("io"))
+  _check_parent_task(parent, run_config(path, read_retry=read_retry), path)
+  run = load_run(path, mesh, read_retry=read_retry)
   check_parent_config(parent, task.config, run.config, path)
   what = f"the {parent.task} run {path} (step {run.step})"
   missing = [k for k in parent.extras if not run.extras.get(k)]

@@ -24,6 +24,7 @@ from psvae_jax import train_state as ts
 from psvae_jax.metrics_log import RunLogger
 from psvae_jax.optim import ema_update, learning_rate_schedule
 from psvae_jax.preemption import Preempted, PreemptionWatch
+from psvae_jax.storage_retry import RetryPolicy
 from psvae_jax.tasks import get_task
 from psvae_jax.tasks.base import Task
 
@@ -123,7 +124,8 @@ def separate_training_batches(task: Task, config, mesh, num_batches: int):
 
   iterator = data_lib.make_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed + 1,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      read_retry=RetryPolicy.from_config(config.io))
   try:
     for _ in range(num_batches):
       yield sharding.host_local_to_global(task.prepare_batch(next(iterator)), mesh)
@@ -149,7 +151,8 @@ def restore_or_init(task: Task, config, layout: ts.TrainSetup, checkpointer: ckp
     return _resumed(task, restored, checkpointer.directory, step, f"workdir step {step}")
   if config.resume:
     directory = ckpt_lib.resolve_checkpoint_dir(config.resume)
-    other = ckpt_lib.Checkpointer(directory, create=False, async_save=False)
+    other = ckpt_lib.Checkpointer(directory, create=False, async_save=False,
+                                  read_retry=checkpointer.read_retry)
     try:
       found = other.restore_newest(abstract_state=layout.abstract_state,
                                    abstract_ema=layout.abstract_ema, data_iterator=data_iterator)
@@ -227,10 +230,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   _check_batch_divisibility(config, mesh)
   write_config(config, workdir)
   logger = RunLogger(workdir, tensorboard=config.logging.tensorboard)
+  read_retry = RetryPolicy.from_config(config.io)
   checkpointer = ckpt_lib.Checkpointer(
       ckpt_lib.checkpoint_dir(workdir), keep=config.checkpoint.keep,
       keep_every=config.checkpoint.keep_every, async_save=config.checkpoint.async_save,
-      checksums=config.checkpoint.checksums)
+      checksums=config.checkpoint.checksums, on_save_error=config.checkpoint.on_save_error,
+      read_retry=read_retry)
   watch = PreemptionWatch()
   peak = perf.peak_flops_per_device(config.logging.peak_flops_per_device, config.compute_dtype)
   summary: dict[str, Any] = {"workdir": workdir}
@@ -239,7 +244,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       # The data first: a bad source is reported before the model is built and compiled.
       data_iterator = data_lib.make_train_iterator(
           config.data, global_batch_size=config.batch_size, seed=config.seed,
-          process_index=jax.process_index(), process_count=jax.process_count())
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          read_retry=read_retry)
       layout = ts.make_train_setup(task, config, mesh)
       state, ema, source = restore_or_init(task, config, layout, checkpointer, data_iterator,
                                            mesh)
@@ -291,15 +297,17 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
   # Held-out batches for eval and for the end-of-run samples (identical on every process).
   eval_batches = data_lib.make_eval_batches(
       config.data, batch_size=config.batch_size, num_batches=max(config.eval_batches, 1),
-      seed=config.seed)
+      seed=config.seed, read_retry=checkpointer.read_retry)
   flops_per_example = task.flops_per_example()
   config_json = config_base.to_json(config)
 
-  def save(step: int, force: bool = False) -> None:
+  def save(step: int, force: bool = False, required: bool = False) -> None:
+    """A failed save stops the run or is a warning (config.checkpoint.on_save_error); a
+    `required` one (the last, the SIGTERM one) stops it either way."""
     _raise_if_nonfinite(state, config)
     extras = task.checkpoint_extras(eval_model(layout, state, ema))
     checkpointer.save(step, state=state, ema=ema, data_iterator=data_iterator,
-                      config_json=config_json, extras=extras, force=force)
+                      config_json=config_json, extras=extras, force=force, required=required)
 
   def run_eval(step: int) -> dict[str, float]:
     results = [eval_fn(state, ema, sharding.host_local_to_global(
@@ -353,16 +361,16 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
     if is_last:
       task.finalize(eval_model(layout, state, ema),
                     lambda n: separate_training_batches(task, config, mesh, n))
-    saved = (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last
-    if saved:
-      save(done)
-    if watch.should_stop(done):
-      if not saved:
-        save(done, force=True)
+    # Every process learns of a stop request at the same step (see preemption.PreemptionWatch).
+    preempted = watch.should_stop(done)
+    if (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last or preempted:
+      save(done, force=preempted, required=is_last or preempted)
+    if preempted:
       checkpointer.wait()
       raise Preempted(done)
   checkpointer.wait()
-  return {"final_step": step + 1, "last_metrics": last_logged, "last_eval": last_eval}
+  return {"final_step": step + 1, "last_metrics": last_logged, "last_eval": last_eval,
+          "failed_saves": list(checkpointer.failed_saves)}
 
 
 def _to_host(x) -> np.ndarray:

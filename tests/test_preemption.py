@@ -9,13 +9,12 @@ import time
 
 import pytest
 
+from helpers.configs import SVAE_SMOKE_FLAGS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --log_level=info: the assertions read the library's INFO lines from the console.
-ARGS = ["--config=configs/svae.py:smoke", "--log_level=info", "--config.checkpoint_every=100000",
-        "--config.eval_every=0", "--config.log_every=1",
-        "--config.logging.tensorboard=False", "--config.model.svae_depth=1",
-        "--config.data.image_size=32", "--config.model.pixel_decoder.ch_mult=(1,1,1,2)",
-        "--config.model.pixel_decoder.resolution=32", "--config.batch_size=8"]
+ARGS = [*SVAE_SMOKE_FLAGS, "--log_level=info", "--config.checkpoint_every=100000",
+        "--config.log_every=1"]
 
 
 def _env():

@@ -21,6 +21,7 @@ import pytest
 from psvae_jax import checkpoint as ckpt_lib
 from psvae_jax import train as train_lib
 from psvae_jax.data import make_train_iterator
+from psvae_jax.storage_retry import RetryPolicy, StorageReadError
 from psvae_jax.tasks import TASKS
 
 from helpers.checkpoints import assert_same_checkpoint, restore_all
@@ -211,15 +212,29 @@ def test_a_step_that_does_not_fit_the_model_is_not_skipped(directory):
 
 
 @pytest.mark.reliability(
-    fault="storage unreachable while reading the latest step (UNAVAILABLE)",
-    expected="CheckpointError saying to retry; no fallback, nothing set aside")
+    fault="storage unreachable while reading the latest step (UNAVAILABLE, every attempt)",
+    expected="retried, then StorageReadError naming the step; no fallback, nothing set aside")
 def test_transient_storage_error_is_not_taken_for_damage(directory, monkeypatch):
-  ckpt = ckpt_lib.Checkpointer(directory)
+  ckpt = ckpt_lib.Checkpointer(directory, read_retry=RetryPolicy(retries=2, sleep=lambda s: None))
 
   def unavailable(*args, **kwargs):
     raise Exception("reading array") from ValueError("UNAVAILABLE: connection reset")
   monkeypatch.setattr(ckpt.manager, "restore", unavailable)
-  with pytest.raises(ckpt_lib.CheckpointError, match="UNAVAILABLE.*retry") as e:
+  with pytest.raises(StorageReadError, match=r"/2 failed after 3 attempts.*UNAVAILABLE"):
+    ckpt.restore_newest(abstract_state=_abstract(_tree(0.0)), set_aside=True)
+  assert ckpt.all_steps() == [1, 2]
+
+
+@pytest.mark.reliability(
+    fault="permission denied reading the latest step (PERMISSION_DENIED)",
+    expected="CheckpointError saying to retry later; not retried, no fallback, nothing set aside")
+def test_access_denied_is_not_taken_for_damage(directory, monkeypatch):
+  ckpt = ckpt_lib.Checkpointer(directory, read_retry=RetryPolicy(sleep=pytest.fail))
+
+  def denied(*args, **kwargs):
+    raise Exception("reading array") from ValueError("PERMISSION_DENIED: gs://bucket/ckpt/2")
+  monkeypatch.setattr(ckpt.manager, "restore", denied)
+  with pytest.raises(ckpt_lib.CheckpointError, match="PERMISSION_DENIED.*retry") as e:
     ckpt.restore_newest(abstract_state=_abstract(_tree(0.0)), set_aside=True)
   assert not isinstance(e.value, ckpt_lib.IncompleteCheckpointError)
   assert ckpt.all_steps() == [1, 2]

@@ -38,6 +38,7 @@ from psvae_jax.data import workers
 from psvae_jax.data.config import default_data_config
 from psvae_jax.data.errors import BadRecord, DataError, check_bad_fraction
 from psvae_jax.data.preprocess import prepare_example
+from psvae_jax.storage_retry import RetryPolicy
 
 # More bad records than this in a row (between two good ones) stops the pipeline: without it a
 # source where every record is bad would spin forever instead of reporting.
@@ -253,13 +254,15 @@ def _read_options(cfg) -> grain.ReadOptions:
 
 def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
                         process_index: int | None = None,
-                        process_count: int | None = None) -> DataIterator:
+                        process_count: int | None = None,
+                        read_retry: RetryPolicy | None = None) -> DataIterator:
   """The endless, shuffled, checkpointable iterator of this process's batches.
 
   Each batch holds global_batch_size // process_count rows: 'image' uint8 (B, S, S, 3), and as
   the source provides: 'caption' (object array of str), 'label' int32, 'source_image' uint8,
   'instruction' str, 'edit_mask' bool (B, S, S), 'scene'/'edit_kind' str (synthetic), cached
   arrays. Deterministic in `seed`; processes (default: jax's) read disjoint examples.
+  `read_retry`: how reads retry transient storage errors (config.io; default its defaults).
   """
   cfg = resolve_data_config(data_config)
   index, count = _process(process_index, process_count)
@@ -272,7 +275,7 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
   if cfg.random_flip and spec.scheme == "synthetic":
     raise DataError("data.random_flip would contradict the left/right words of synthetic "
                     "captions and instructions; keep it False for synthetic sources")
-  source = sources.train_source(cfg)
+  source = sources.train_source(cfg, read_retry)
   ds = grain.MapDataset.source(source)
   if cfg.shuffle:
     ds = ds.shuffle(seed=seed)
@@ -304,17 +307,19 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
   return DataIterator(pipeline, cfg.max_bad_fraction, description)
 
 
-def make_eval_batches(data_config, *, batch_size: int, num_batches: int, seed: int = 0) -> list[dict]:
+def make_eval_batches(data_config, *, batch_size: int, num_batches: int, seed: int = 0,
+                      read_retry: RetryPolicy | None = None) -> list[dict]:
   """`num_batches` deterministic batches of held-out data (the same on every process).
 
   Held-out data: data.eval_source if set; else a disjoint synthetic index range, a fixed subset
   of a folder/arrayrecord source kept out of training, or a tfds source's validation split.
-  `seed` orders the held-out examples. Bad records are skipped and counted like in training.
+  `seed` orders the held-out examples. Bad records are skipped and counted like in training;
+  `read_retry` as in make_train_iterator.
   """
   cfg = resolve_data_config(data_config)
   if batch_size < 1 or num_batches < 1:
     raise DataError(f"batch_size and num_batches must be >= 1, got {batch_size}, {num_batches}")
-  source = sources.eval_source(cfg)
+  source = sources.eval_source(cfg, read_retry)
   ds = grain.MapDataset.source(source).shuffle(seed=seed)
   ds = ds.map_with_index(_Prepare(_PrepConfig.from_data_config(cfg), seed, False))
   needed = batch_size * num_batches

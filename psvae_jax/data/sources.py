@@ -16,7 +16,15 @@ Spec forms (parse_source):
 
 Every source has __len__ and __getitem__(index) -> raw record dict (see preprocess.py) or
 BadRecord; sources read bytes and do not decode, so decoding runs in grain's workers.
+
+Reads go through `read_file` (folder images, caption files) and `read_shard_record`
+(ArrayRecord shards, latent caches) and retry transient storage errors with the source's
+`read_retry` policy (config.io; carried into grain's worker processes with the source). A
+record still unreadable after the retries is a BadRecord whose reason says so; a permanent
+error (missing file, not an image) is not retried.
 """
+import bisect
+from concurrent import futures
 import dataclasses
 import glob
 import json
@@ -30,6 +38,7 @@ from psvae_jax.console import say
 from psvae_jax.data import synthetic
 from psvae_jax.data.errors import BadRecord, DataError
 from psvae_jax.data.shards import decode_record
+from psvae_jax.storage_retry import RetryPolicy, StorageReadError
 
 SCHEMES = ("synthetic", "folder", "arrayrecord", "tfds")
 SYNTHETIC_KINDS = ("shapes", "single", "edits")
@@ -37,6 +46,34 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTIONS_FILE = "captions.jsonl"
 MAX_FILE_BYTES = 256 << 20  # an image file larger than this is skipped unread
 _HOLDOUT_SEED = 0x5EED  # fixed: the held-out subset never depends on the training seed
+_SHARD_OPEN_THREADS = 16  # shards opened (and their records counted) in parallel
+
+
+class FileTooLarge(ValueError):
+  """A file above the size limit, left unread."""
+
+
+def read_file(path: str, max_bytes: int | None = None) -> bytes:
+  """The bytes of one file (what folder sources read images and captions through); raises
+  FileTooLarge, unread, when it holds more than `max_bytes`."""
+  if max_bytes is not None:
+    size = os.path.getsize(path)
+    if size > max_bytes:
+      raise FileTooLarge(f"file of {size} bytes, above {max_bytes}")
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def read_shard_record(shard, index: int) -> bytes:
+  """Record `index` of one opened ArrayRecord shard (what ArrayRecord sources read through)."""
+  return shard[index]
+
+
+def _read_failure(error: OSError) -> str:
+  """A BadRecord reason for a read that failed; it says when the read was retried."""
+  if isinstance(error, StorageReadError):
+    return f"unreadable after retrying transient errors: {error}"
+  return f"cannot read file: {error}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +135,11 @@ class SyntheticSource:
 class FolderSource:
   """Image files under a folder, with captions from captions.jsonl or sidecar .txt files."""
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, read_retry: RetryPolicy | None = None):
     if not os.path.isdir(root):
       raise DataError(f"folder:{root} is not a directory")
     self.root = os.path.abspath(root)
+    self.read_retry = read_retry or RetryPolicy()
     files, stems_with_txt = [], set()
     for dirpath, dirnames, names in os.walk(self.root):
       dirnames.sort()
@@ -126,25 +164,28 @@ class FolderSource:
 
   def _read_captions_file(self, path: str) -> dict:
     captions = {}
-    with open(path, "rb") as f:
-      for lineno, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          text, utf8_ok = line.decode("utf-8"), True
-        except UnicodeDecodeError:
-          text, utf8_ok = line.decode("utf-8", errors="replace"), False
-        try:
-          entry = json.loads(text)
-          rel = os.path.normpath(entry["file"])
-        except (ValueError, KeyError, TypeError) as e:
-          self.caption_problems.append(f"{path}:{lineno}: unparsable line ({type(e).__name__})")
-          continue
-        caption = entry.get("caption")
-        if not utf8_ok or not isinstance(caption, str):
-          self.caption_problems.append(f"{path}:{lineno}: caption of {rel} is not UTF-8 text")
-          caption = None
-        captions[rel] = caption
+    try:
+      data = self.read_retry.call(read_file, path, what="reading the captions file", path=path)
+    except OSError as e:
+      raise DataError(f"folder:{self.root}: cannot read {path}: {e}") from e
+    for lineno, line in enumerate(data.split(b"\n"), start=1):
+      if not line.strip():
+        continue
+      try:
+        text, utf8_ok = line.decode("utf-8"), True
+      except UnicodeDecodeError:
+        text, utf8_ok = line.decode("utf-8", errors="replace"), False
+      try:
+        entry = json.loads(text)
+        rel = os.path.normpath(entry["file"])
+      except (ValueError, KeyError, TypeError) as e:
+        self.caption_problems.append(f"{path}:{lineno}: unparsable line ({type(e).__name__})")
+        continue
+      caption = entry.get("caption")
+      if not utf8_ok or not isinstance(caption, str):
+        self.caption_problems.append(f"{path}:{lineno}: caption of {rel} is not UTF-8 text")
+        caption = None
+      captions[rel] = caption
     if self.caption_problems:
       logging.warning("%s: %d caption problems (these images get the empty caption), e.g. %s",
                       path, len(self.caption_problems), self.caption_problems[:3])
@@ -157,23 +198,24 @@ class FolderSource:
     rel = self.files[index]
     path = os.path.join(self.root, rel)
     try:
-      size = os.path.getsize(path)
-      if size > MAX_FILE_BYTES:
-        return BadRecord(path, f"file of {size} bytes, above {MAX_FILE_BYTES}")
-      with open(path, "rb") as f:
-        raw = {"_id": path, "image": f.read()}
+      image = self.read_retry.call(read_file, path, MAX_FILE_BYTES, what="reading image",
+                                   path=path)
+    except FileTooLarge as e:
+      return BadRecord(path, str(e))
     except OSError as e:
-      return BadRecord(path, f"cannot read file: {e}")
+      return BadRecord(path, _read_failure(e))
+    raw = {"_id": path, "image": image}
     if self.caption_mode == "jsonl":
       raw["caption"] = self.captions.get(rel)
     elif self.caption_mode == "sidecar":
+      caption_path = os.path.splitext(path)[0] + ".txt"
       try:
-        with open(os.path.splitext(path)[0] + ".txt", "rb") as f:
-          raw["caption"] = f.read().strip()
+        raw["caption"] = self.read_retry.call(read_file, caption_path, what="reading caption",
+                                              path=caption_path).strip()
       except FileNotFoundError:
         raw["caption"] = None
       except OSError as e:
-        return BadRecord(path, f"cannot read caption file: {e}")
+        return BadRecord(path, f"caption file: {_read_failure(e)}")
     return raw
 
   def __repr__(self):
@@ -181,27 +223,49 @@ class FolderSource:
 
 
 class ArrayRecordSource:
-  """Records of the project's shard format from the ArrayRecord files matching a glob."""
+  """Records of the project's shard format from the ArrayRecord files matching a glob.
 
-  def __init__(self, pattern: str):
+  Each shard is its own random-access source (opened in parallel), so a failed read names the
+  shard file; records are numbered through the shards in path order.
+  """
+
+  def __init__(self, pattern: str, read_retry: RetryPolicy | None = None):
     paths = sorted(glob.glob(pattern, recursive=True))
     if not paths:
       raise DataError(f"arrayrecord:{pattern} matches no files")
     self.pattern, self.paths = pattern, paths
+    self.read_retry = read_retry or RetryPolicy()
+    with futures.ThreadPoolExecutor(min(_SHARD_OPEN_THREADS, len(paths))) as pool:
+      self._shards = list(pool.map(self._open_shard, paths))
+    self._ends = []  # the global index one past each shard's last record
+    for shard in self._shards:
+      self._ends.append((self._ends[-1] if self._ends else 0) + len(shard))
+
+  def _open_shard(self, path: str):
     try:
-      self._source = grain.sources.ArrayRecordDataSource(paths)
+      return self.read_retry.call(grain.sources.ArrayRecordDataSource, [path],
+                                  what="opening shard", path=path)
     except (OSError, RuntimeError, ValueError) as e:
-      raise DataError(f"arrayrecord:{pattern}: cannot open the shards ({e})") from e
+      raise DataError(f"arrayrecord:{self.pattern}: cannot open the shard {path} ({e})") from e
 
   def __len__(self):
-    return len(self._source)
+    return self._ends[-1]
 
   def __getitem__(self, index: int):
     record_id = f"arrayrecord:{self.pattern}#{index}"
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} outside {record_id.rpartition('#')[0]} of {len(self)} "
+                       "records")
+    shard = bisect.bisect_right(self._ends, index)
+    local = index - (self._ends[shard - 1] if shard else 0)
+    path = self.paths[shard]
     try:
-      data = self._source[index]
+      data = self.read_retry.call(read_shard_record, self._shards[shard], local,
+                                  what=f"reading record {local} of shard", path=path)
+    except StorageReadError as e:
+      return BadRecord(record_id, _read_failure(e))
     except (OSError, RuntimeError, ValueError) as e:
-      return BadRecord(record_id, f"cannot read record: {e}")
+      return BadRecord(record_id, f"cannot read record {local} of {path}: {e}")
     try:
       raw = decode_record(data)
     except ValueError as e:
@@ -220,8 +284,10 @@ class TfdsSource:
   and counted like any other source).
   """
 
-  def __init__(self, name: str, split: str, data_dir: str = "", caption_key: str = ""):
+  def __init__(self, name: str, split: str, data_dir: str = "", caption_key: str = "",
+               read_retry: RetryPolicy | None = None):
     self.name, self.split, self.data_dir, self.caption_key = name, split, data_dir, caption_key
+    self.read_retry = read_retry or RetryPolicy()
     self._ds = self._open()
     self._length = len(self._ds)
 
@@ -265,7 +331,10 @@ class TfdsSource:
       self._ds = self._open()
     record_id = f"tfds:{self.name}:{self.split}#{index}"
     try:
-      ex = self._ds[index]
+      ex = self.read_retry.call(self._ds.__getitem__, index, what="reading record",
+                                path=record_id)
+    except StorageReadError as e:
+      return BadRecord(record_id, _read_failure(e))
     except (OSError, RuntimeError, ValueError) as e:
       return BadRecord(record_id, f"cannot read record: {e}")
     raw = {"_id": record_id}
@@ -305,18 +374,20 @@ class Subset:
     return f"{self.source!r}, subset [{self.start}:{self.stop}] of a fixed permutation"
 
 
-def open_source(spec: SourceSpec, cfg, *, role: str):
-  """Opens a whole source; `role` ('train' or 'eval') picks the synthetic range and tfds split."""
+def open_source(spec: SourceSpec, cfg, *, role: str, read_retry: RetryPolicy | None = None):
+  """Opens a whole source; `role` ('train' or 'eval') picks the synthetic range and tfds split;
+  `read_retry` is how its reads retry transient storage errors (default: config.io's
+  defaults)."""
   if spec.scheme == "synthetic":
     if role == "train":
       return SyntheticSource(spec.arg, 0, cfg.synthetic_size, cfg.image_size)
     return SyntheticSource(spec.arg, cfg.synthetic_size, cfg.eval_size, cfg.image_size)
   if spec.scheme == "folder":
-    return FolderSource(spec.arg)
+    return FolderSource(spec.arg, read_retry)
   if spec.scheme == "arrayrecord":
-    return ArrayRecordSource(spec.arg)
+    return ArrayRecordSource(spec.arg, read_retry)
   split = spec.split or ("train" if role == "train" else "validation")
-  return TfdsSource(spec.arg, split, cfg.tfds_data_dir, cfg.caption_key)
+  return TfdsSource(spec.arg, split, cfg.tfds_data_dir, cfg.caption_key, read_retry)
 
 
 # Without data.eval_source, at most this fraction of a folder/arrayrecord source is held out.
@@ -345,24 +416,24 @@ def _holds_out(spec: SourceSpec) -> bool:
   return spec.scheme in ("folder", "arrayrecord")
 
 
-def train_source(cfg):
+def train_source(cfg, read_retry: RetryPolicy | None = None):
   """The training source: `data.source`, minus the held-out part when `data.eval_source` is ''."""
   spec = parse_source(cfg.source)
-  source = open_source(spec, cfg, role="train")
+  source = open_source(spec, cfg, role="train", read_retry=read_retry)
   if not cfg.eval_source and _holds_out(spec) and cfg.eval_size > 0:
     return _split_held_out(source, cfg.eval_size, spec, announce=True)[0]
   return source
 
 
-def eval_source(cfg):
+def eval_source(cfg, read_retry: RetryPolicy | None = None):
   """The held-out source: `data.eval_source` if set, else the held-out part of `data.source`."""
   if cfg.eval_source:
-    return open_source(parse_source(cfg.eval_source), cfg, role="eval")
+    return open_source(parse_source(cfg.eval_source), cfg, role="eval", read_retry=read_retry)
   spec = parse_source(cfg.source)
   if cfg.eval_size < 1 and spec.scheme != "tfds":
     raise DataError(f"no held-out data for {spec}: data.eval_size is {cfg.eval_size}; "
                     "set data.eval_size > 0 or data.eval_source")
-  source = open_source(spec, cfg, role="eval")
+  source = open_source(spec, cfg, role="eval", read_retry=read_retry)
   if _holds_out(spec):
     return _split_held_out(source, cfg.eval_size, spec)[1]
   return source

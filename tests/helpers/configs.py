@@ -2,6 +2,14 @@
 from psvae_jax.config_loader import load_config, set_by_path
 
 
+# The S-VAE smoke preset shrunk on the command line, for the tests that launch
+# `python -m psvae_jax.main`: a run compiles and trains in well under a minute on CPU.
+SVAE_SMOKE_FLAGS = ("--config=configs/svae.py:smoke", "--config.eval_every=0",
+                    "--config.logging.tensorboard=False", "--config.model.svae_depth=1",
+                    "--config.data.image_size=32", "--config.model.pixel_decoder.ch_mult=(1,1,1,2)",
+                    "--config.model.pixel_decoder.resolution=32", "--config.batch_size=8")
+
+
 def tiny_svae_config(**overrides):
   """The S-VAE smoke preset shrunk further so a step compiles and runs in seconds."""
   config = load_config("configs/svae.py:smoke")
