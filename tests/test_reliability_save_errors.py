@@ -316,7 +316,7 @@ def test_failed_final_save_stops_even_in_retry_mode(tmp_path, toy, straight, wri
 @pytest.mark.parametrize("outcome", ["ok", "failed"])
 def test_sigterm_save(tmp_path, toy, write_faults, monkeypatch, outcome):
   workdir = str(tmp_path / "run")
-  monkeypatch.setattr(train_lib.PreemptionWatch, "reached", lambda self, manager, step: step == 2)
+  monkeypatch.setattr(train_lib.PreemptionWatch, "should_stop", lambda self, step: step == 2)
   config = toy(total_steps=6, **{"checkpoint.on_save_error": "retry"})
   if outcome == "ok":
     with pytest.raises(train_lib.Preempted) as stop:
