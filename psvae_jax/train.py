@@ -329,11 +329,11 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
   flops_per_example = task.flops_per_example()
   config_json = config_base.to_json(config)
 
-  def save(step: int, force: bool = False) -> None:
+  def save(step: int, force: bool = False) -> bool:
     _raise_if_nonfinite(state, config)
     extras = task.checkpoint_extras(eval_model(layout, state, ema))
-    checkpointer.save(step, state=state, ema=ema, data_iterator=data_iterator,
-                      config_json=config_json, extras=extras, force=force)
+    return checkpointer.save(step, state=state, ema=ema, data_iterator=data_iterator,
+                             config_json=config_json, extras=extras, force=force)
 
   def run_eval(step: int) -> dict[str, float]:
     results = [eval_fn(state, ema, sharding.host_local_to_global(
@@ -386,10 +386,12 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
     if is_last:
       task.finalize(eval_model(layout, state, ema),
                     lambda n: separate_training_batches(task, config, mesh, n))
+    saved = False
     if (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last:
-      save(done)
+      saved = save(done)
     if watch.reached(checkpointer.manager, done):
-      save(done, force=True)
+      if not saved:  # a SIGTERM in a checkpoint step: that save already holds this step
+        save(done, force=True)
       checkpointer.wait()
       raise Preempted(done)
   checkpointer.wait()
