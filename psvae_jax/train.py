@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from psvae_jax import checkpoint as ckpt_lib
-from psvae_jax import config_base, console, perf, runs, sharding
+from psvae_jax import config_base, console, fault_points, perf, runs, sharding
 from psvae_jax import train_state as ts
 from psvae_jax.metrics_log import RunLogger
 from psvae_jax.optim import ema_update, learning_rate_schedule
@@ -356,9 +356,11 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
   t_log, steps_since_log = time.perf_counter(), 0
   step = start
   for step in range(start, config.total_steps):
+    fault_points.reached("data", step)
     host_batch = task.prepare_batch(next(data_iterator))
     batch = sharding.host_local_to_global(host_batch, mesh)
     state, ema, metrics = step_fn(state, ema, batch)
+    fault_points.reached("step", step)
     pending.append(metrics)
     steps_since_log += 1
     done = step + 1
@@ -389,6 +391,8 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
     saved = False
     if (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last:
       saved = save(done)
+      fault_points.reached("save", step)
+    fault_points.reached("between", step, wait=state)
     if watch.reached(checkpointer.manager, done):
       if not saved:  # a SIGTERM in a checkpoint step: that save already holds this step
         save(done, force=True)
