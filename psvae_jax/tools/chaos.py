@@ -122,6 +122,33 @@ def _launch(job, tag, settings, *, fault=None, fault_step=None, total_steps, log
   return record
 
 
+def _run_plan(job, plan, settings, *, checkpoint_every, total_steps, **common):
+  """Launches the job once per fault of `plan`, then once more without one; stops early
+  when a fault does not strike. Returns the launch records and the problems met."""
+  records: list[chaos_outcome.LaunchRecord] = []
+  problems: list[str] = []
+  pending = list(plan)
+  while True:
+    fault, step = None, None
+    while pending and step is None:
+      resumed_at = max(chaos_launch.complete_steps(job.workdir), default=0)
+      fault = pending[0]
+      step = chaos_plan.deliverable_step(fault, resumed_at, total_steps=total_steps,
+                                         checkpoint_every=checkpoint_every)
+      if step is None:
+        problems.append(f"fault {fault.index} ({fault.describe()}) not delivered: the job "
+                        f"resumed at step {resumed_at}, past every step it could strike")
+        pending.pop(0)
+        fault = None
+    record = _launch(job, f"soak{len(records):02d}", settings, fault=fault, fault_step=step,
+                     total_steps=total_steps, **common)
+    records.append(record)
+    problems += record.problems
+    if fault is None or record.launch.delivered_s is None:
+      return records, problems  # the last launch, or a fault that did not strike
+    pending.pop(0)
+
+
 def soak(config: str, user_overrides: list[str], workdir: str, settings: Settings,
          say=lambda line: print(line, file=sys.stderr, flush=True)) -> chaos_report.Summary:
   """Runs the soak and the uninterrupted job in `workdir`; returns the figures (and writes
@@ -142,28 +169,7 @@ def soak(config: str, user_overrides: list[str], workdir: str, settings: Setting
       + "; ".join(f.describe() for f in plan))
   common = dict(total_steps=total, log_every=int(cfg.log_every), say=say)
   soak_job = _make_job("soak", config, overrides, workdir, settings)
-  records: list[chaos_outcome.LaunchRecord] = []
-  problems: list[str] = []
-  pending = list(plan)
-  while True:
-    fault, step = None, None
-    while pending and step is None:
-      resumed_at = max(chaos_launch.complete_steps(soak_job.workdir), default=0)
-      fault = pending[0]
-      step = chaos_plan.deliverable_step(fault, resumed_at, total_steps=total,
-                                         checkpoint_every=every)
-      if step is None:
-        problems.append(f"fault {fault.index} ({fault.describe()}) not delivered: the job "
-                        f"resumed at step {resumed_at}, past every step it could strike")
-        pending.pop(0)
-        fault = None
-    record = _launch(soak_job, f"soak{len(records):02d}", settings, fault=fault,
-                     fault_step=step, **common)
-    records.append(record)
-    problems += record.problems
-    if fault is None or record.launch.delivered_s is None:
-      break  # the last launch, or a fault that did not strike: the plan cannot go on
-    pending.pop(0)
+  records, problems = _run_plan(soak_job, plan, settings, checkpoint_every=every, **common)
   differences, uninterrupted_s = None, None
   if records[-1].end_step == total:
     reference = _launch(_make_job("uninterrupted", config, overrides, workdir, settings),

@@ -18,7 +18,8 @@ import pytest
 
 from psvae_jax import errors, fault_points
 from psvae_jax import train as train_lib
-from psvae_jax.tools import chaos, chaos_compare, chaos_outcome, chaos_plan, chaos_report
+from psvae_jax.tools import (chaos, chaos_compare, chaos_launch, chaos_outcome, chaos_plan,
+                             chaos_report)
 from psvae_jax.tools.chaos_launch import Launch, ProcessEnd
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,6 +78,60 @@ def test_deliverable_step_moves_past_a_later_resume():
   assert chaos_plan.deliverable_step(fault, 16, **kwargs) is None
   data = dataclasses.replace(fault, moment="data")
   assert chaos_plan.deliverable_step(data, 7, **kwargs) == 8
+
+
+# --- launches ------------------------------------------------------------------------------
+
+# A stand-in for a job's process: reaches the 'step' moment of step 3, then runs for a minute.
+_FAKE_PROCESS = """
+import time
+from psvae_jax import fault_points
+fault_points.reached("step", 3)
+time.sleep(60)
+"""
+
+
+@dataclasses.dataclass
+class _FakeJob(chaos_launch.Job):
+  def command(self, process, port):
+    return [sys.executable, "-c", _FAKE_PROCESS]
+
+
+def _fake_job(tmp_path, processes):
+  return _FakeJob(config="", overrides=[], workdir=str(tmp_path / "run"), processes=processes,
+                  log_dir=str(tmp_path / "logs"), cwd=REPO_ROOT)
+
+
+@pytest.mark.reliability(fault="chaos soak launch: a survivor outlives its killed peer",
+                         expected="killed after --peer_timeout and reported, not waited for")
+def test_launch_kills_a_survivor_after_the_peer_timeout(tmp_path):
+  fault = chaos_plan.Fault(index=0, moment="step", step=3, signal="SIGKILL", process=1)
+  launch = chaos_launch.run(_fake_job(tmp_path, 2), "t", fault=fault, fault_step=3,
+                            launch_timeout=50, peer_timeout=1)
+  assert [e.returncode for e in launch.ends] == [None, -9]
+  assert launch.delivered_s is not None and not launch.timed_out
+  assert launch.ends[0].seconds - launch.ends[1].seconds < 5  # not the minute it sleeps
+  record = chaos_outcome.LaunchRecord(launch, start_step=0, end_step=0, logged=[])
+  problems = chaos_outcome.check(record, total_steps=8, log_every=1, peer_timeout=1)
+  assert problems == ["t: process 0 still running 1 s after process 1 ended (SIGKILL); killed"]
+
+
+def test_launch_kills_a_hung_launch_at_its_timeout(tmp_path):
+  launch = chaos_launch.run(_fake_job(tmp_path, 1), "t", launch_timeout=1, peer_timeout=1)
+  assert launch.timed_out and launch.ends[0].returncode is None and launch.wall_s < 20
+
+
+def test_launch_logs_and_steps_on_disk(tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "4").mkdir(parents=True)
+  (workdir / "checkpoints" / "8.orbax-checkpoint-tmp-1").mkdir()
+  assert chaos_launch.complete_steps(str(workdir)) == [4]
+  (workdir / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+  offset = chaos_launch.metrics_size(str(workdir))
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 3}\n{"step": 4, "lo')  # the last line cut by a kill
+  assert chaos_launch.logged_steps(str(workdir)) == [1, 2, 3]
+  assert chaos_launch.logged_steps(str(workdir), offset) == [3]
 
 
 # --- outcome checks and the table ----------------------------------------------------------
