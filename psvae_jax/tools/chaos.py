@@ -19,7 +19,9 @@ data-iterator position.
 
 Expected of each launch: SIGKILL ends the struck process and the job resumes from its newest
 complete checkpoint; SIGTERM takes the loop's preemption path: every process checkpoints one
-common step after the fault and exits with 143; a survivor of a killed peer exits by itself.
+common step after the fault and exits with 143 (a process that trains on more than
+--term_grace_steps steps past that is killed, as a preempted host would be, and reported); a
+survivor of a killed peer exits by itself.
 `--config.key=value` flags go to the job; the soak adds --config.log_every=1 (steps lost are
 counted from metrics.jsonl) and --config.checkpoint_every=--checkpoint_every before them. A
 one-process job gets a persistent compilation cache (WORKDIR/xla_cache/<run>) so relaunches
@@ -67,6 +69,7 @@ class Settings:
   checkpoint_every: int = 4  # 0 = the config's
   launch_timeout: float = 1800.0
   peer_timeout: float = 120.0
+  term_grace_steps: int = 4
   compilation_cache: bool = True
 
 
@@ -109,13 +112,15 @@ def _launch(job, tag, settings, *, fault=None, fault_step=None, total_steps, log
   offset = chaos_launch.metrics_size(job.workdir)
   launch = chaos_launch.run(job, tag, fault=fault, fault_step=fault_step,
                             launch_timeout=settings.launch_timeout,
-                            peer_timeout=settings.peer_timeout)
+                            peer_timeout=settings.peer_timeout,
+                            term_grace_steps=settings.term_grace_steps)
   record = chaos_outcome.LaunchRecord(
       launch=launch, start_step=start,
       end_step=max(chaos_launch.complete_steps(job.workdir), default=0),
       logged=chaos_launch.logged_steps(job.workdir, offset))
   record.problems = chaos_outcome.check(record, total_steps=total_steps, log_every=log_every,
-                                        peer_timeout=settings.peer_timeout)
+                                        peer_timeout=settings.peer_timeout,
+                            term_grace_steps=settings.term_grace_steps)
   say(chaos_outcome.describe(record))
   for problem in record.problems:
     say(f"problem: {problem}")
@@ -220,6 +225,9 @@ def define_flags(flag_values=flags.FLAGS) -> None:
                      "Seconds a launch may run before it counts as hung and is killed.", **f)
   flags.DEFINE_float("peer_timeout", Settings.peer_timeout,
                      "Seconds the other processes get to end once one has ended.", **f)
+  flags.DEFINE_integer("term_grace_steps", Settings.term_grace_steps,
+                       "Steps a job may train on past the step its SIGTERM should stop it at "
+                       "before the signalled process is killed (and reported).", **f)
   flags.DEFINE_bool("compilation_cache", Settings.compilation_cache,
                     "Persistent compilation cache per run (one-process jobs only).", **f)
   flags.mark_flags_as_required(["config", "workdir", "faults"], **f)
@@ -250,7 +258,8 @@ def main(argv):
   v = flags.FLAGS
   settings = Settings(faults=v.faults, processes=v.processes, seed=v.seed,
                       checkpoint_every=v.checkpoint_every, launch_timeout=v.launch_timeout,
-                      peer_timeout=v.peer_timeout, compilation_cache=v.compilation_cache)
+                      peer_timeout=v.peer_timeout, term_grace_steps=v.term_grace_steps,
+                      compilation_cache=v.compilation_cache)
   config = _absolute_config(config_flags.get_config_filename(v["config"]))
   try:
     os.makedirs(v.workdir, exist_ok=True)

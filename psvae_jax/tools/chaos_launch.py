@@ -4,7 +4,8 @@ handed to one of them, every process waited for within bounded times, and what h
 A launch with several processes runs them on 127.0.0.1 through main's --coordinator_address,
 --num_processes and --process_id. Once one process has ended, the others get `peer_timeout`
 seconds to end too; a survivor still running then is killed and reported as hung. A launch
-still running after `launch_timeout` seconds is killed and reported as hung.
+still running after `launch_timeout` seconds is killed and reported as hung, and a process
+that trains on after its SIGTERM is killed once the job is a few steps past the fault.
 """
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ class ProcessEnd:
 @dataclasses.dataclass
 class Launch:
   """What one launch did. `delivered_s`: when the planned fault struck (seconds after the
-  launch began), None when it did not; `timed_out`: the launch ran past its timeout."""
+  launch began), None when it did not; `timed_out`: the launch ran past its timeout;
+  `ignored_sigterm_at`: the step the job had logged when the soak killed a process that went
+  on training after its SIGTERM."""
   tag: str
   fault: Fault | None
   fault_step: int | None
@@ -73,6 +76,7 @@ class Launch:
   wall_s: float
   delivered_s: float | None = None
   timed_out: bool = False
+  ignored_sigterm_at: int | None = None
 
 
 def _free_port() -> int:
@@ -90,10 +94,13 @@ def _kill_group(pid: int) -> None:
 
 
 def run(job: Job, tag: str, *, fault: Fault | None = None, fault_step: int | None = None,
-        launch_timeout: float, peer_timeout: float) -> Launch:
+        launch_timeout: float, peer_timeout: float, term_grace_steps: int = 4) -> Launch:
   """Starts every process of `job`, hands `fault` (striking at `fault_step`) to its process,
-  and waits for all of them; kills what outlives the timeouts."""
+  and waits for all of them; kills what outlives the timeouts. A process that keeps training
+  after its SIGTERM (the job logs a step more than `term_grace_steps` past the one it should
+  have stopped at) is killed, as a preempted host would be."""
   os.makedirs(job.log_dir, exist_ok=True)
+  offset = metrics_size(job.workdir)
   marker = os.path.join(job.log_dir, f"{tag}.fault")
   if os.path.exists(marker):
     os.remove(marker)
@@ -117,7 +124,14 @@ def run(job: Job, tag: str, *, fault: Fault | None = None, fault_step: int | Non
                                       start_new_session=True))
     ends: dict[int, ProcessEnd] = {}
     timed_out = False
+    ignored_term = None
     while len(ends) < len(procs):
+      if (ignored_term is None and fault is not None and fault.signal == "SIGTERM"
+          and fault.process not in ends and os.path.exists(marker)):
+        last = max(logged_steps(job.workdir, offset), default=0)
+        if last > fault_step + 1 + term_grace_steps:
+          ignored_term = last
+          _kill_group(procs[fault.process].pid)
       now = time.monotonic() - started
       for process, proc in enumerate(procs):
         if process not in ends and proc.poll() is not None:
@@ -147,7 +161,7 @@ def run(job: Job, tag: str, *, fault: Fault | None = None, fault_step: int | Non
     delivered = max(at - started_wall, 0.0)
   return Launch(tag=tag, fault=fault, fault_step=fault_step,
                 ends=[ends[p] for p in range(len(procs))], wall_s=time.monotonic() - started,
-                delivered_s=delivered, timed_out=timed_out)
+                delivered_s=delivered, timed_out=timed_out, ignored_sigterm_at=ignored_term)
 
 
 # --- what the job left on disk -------------------------------------------------------------

@@ -75,15 +75,23 @@ def check(record: LaunchRecord, *, total_steps: int, log_every: int,
                        f"{ends}"]
   target = launch.ends[fault.process]
   expected = SIGKILL_STATUS if fault.signal == "SIGKILL" else SIGTERM_EXIT
+  if launch.ignored_sigterm_at is not None:
+    problems.append(f"{launch.tag}: process {target.process} went on training after SIGTERM "
+                    f"at step {launch.fault_step} (step {launch.ignored_sigterm_at} logged); "
+                    "killed")
+  # Once the soak killed a process that ignored its SIGTERM, the others face a lost peer.
+  all_stop = fault.signal == "SIGTERM" and launch.ignored_sigterm_at is None
   for end in launch.ends:
+    if end is target and launch.ignored_sigterm_at is not None:
+      continue
     if end is not target and end.returncode is None:
       problems.append(f"{launch.tag}: process {end.process} still running {peer_timeout:g} s "
                       f"after process {target.process} ended ({fault.signal}); killed")
-    elif (end is target or fault.signal == "SIGTERM") and end.returncode != expected:
+    elif (end is target or all_stop) and end.returncode != expected:
       problems.append(f"{launch.tag}: process {end.process} ended with "
                       f"{status(end.returncode)} after {fault.signal} to process "
                       f"{target.process}, expected {status(expected)} ({end.last_lines()})")
-  if fault.signal == "SIGTERM":
+  if all_stop:
     wanted = launch.fault_step + 1
     single = len(launch.ends) == 1
     if record.end_step < wanted or (single and record.end_step != wanted):

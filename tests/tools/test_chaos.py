@@ -82,19 +82,25 @@ def test_deliverable_step_moves_past_a_later_resume():
 
 # --- launches ------------------------------------------------------------------------------
 
-# A stand-in for a job's process: reaches the 'step' moment of step 3, then runs for a minute.
+# A stand-in for a job's process: reaches the 'step' moment of step 3, then (a SIGTERM
+# ignored) logs steps 4, 5, ... to metrics.jsonl, one every 0.2 s, for a minute.
 _FAKE_PROCESS = """
-import time
+import json, os, signal, sys, time
 from psvae_jax import fault_points
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 fault_points.reached("step", 3)
-time.sleep(60)
+os.makedirs(sys.argv[1], exist_ok=True)
+for step in range(4, 300):
+  with open(os.path.join(sys.argv[1], "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": step}) + "\\n")
+  time.sleep(0.2)
 """
 
 
 @dataclasses.dataclass
 class _FakeJob(chaos_launch.Job):
   def command(self, process, port):
-    return [sys.executable, "-c", _FAKE_PROCESS]
+    return [sys.executable, "-c", _FAKE_PROCESS, self.workdir]
 
 
 def _fake_job(tmp_path, processes):
@@ -114,6 +120,16 @@ def test_launch_kills_a_survivor_after_the_peer_timeout(tmp_path):
   record = chaos_outcome.LaunchRecord(launch, start_step=0, end_step=0, logged=[])
   problems = chaos_outcome.check(record, total_steps=8, log_every=1, peer_timeout=1)
   assert problems == ["t: process 0 still running 1 s after process 1 ended (SIGKILL); killed"]
+
+
+def test_launch_kills_a_process_that_trains_on_after_sigterm(tmp_path):
+  fault = chaos_plan.Fault(index=0, moment="step", step=3, signal="SIGTERM", process=0)
+  launch = chaos_launch.run(_fake_job(tmp_path, 1), "t", fault=fault, fault_step=3,
+                            launch_timeout=50, peer_timeout=1, term_grace_steps=2)
+  assert launch.ignored_sigterm_at == 7 and launch.ends[0].returncode == -9
+  record = chaos_outcome.LaunchRecord(launch, start_step=3, end_step=3, logged=[4, 5, 6, 7])
+  assert _check(record) == ["t: process 0 went on training after SIGTERM at step 3 (step 7 "
+                            "logged); killed"]
 
 
 def test_launch_kills_a_hung_launch_at_its_timeout(tmp_path):
@@ -158,6 +174,18 @@ def test_outcome_accepts_what_each_fault_should_do():
   final = _record("c", None, 8, 12, [9, 10, 11, 12], [0])
   peer = _record("d", _fault("data", 5, "SIGKILL", 1), 0, 4, [1, 2, 3, 4], [1, -9])
   assert [_check(r) for r in (kill, term, final, peer)] == [[], [], [], []]
+
+
+def test_outcome_after_an_ignored_sigterm_treats_the_others_as_survivors():
+  fault = _fault("step", 5, "SIGTERM", 1)
+  survivor_exits = _record("a", fault, 4, 4, [5, 6, 7, 8, 9, 10], [1, -9])
+  survivor_exits.launch.ignored_sigterm_at = 10
+  assert _check(survivor_exits) == [
+      "a: process 1 went on training after SIGTERM at step 5 (step 10 logged); killed"]
+  survivor_hangs = _record("b", fault, 4, 4, [5, 6, 7, 8, 9, 10], [None, -9])
+  survivor_hangs.launch.ignored_sigterm_at = 10
+  assert len(_check(survivor_hangs)) == 2
+  assert "process 0 still running 30 s after process 1 ended" in _check(survivor_hangs)[1]
 
 
 def test_outcome_reports_hangs_wrong_exits_and_wrong_resumes():
