@@ -119,8 +119,7 @@ def _launch(job, tag, settings, *, fault=None, fault_step=None, total_steps, log
       end_step=max(chaos_launch.complete_steps(job.workdir), default=0),
       logged=chaos_launch.logged_steps(job.workdir, offset))
   record.problems = chaos_outcome.check(record, total_steps=total_steps, log_every=log_every,
-                                        peer_timeout=settings.peer_timeout,
-                            term_grace_steps=settings.term_grace_steps)
+                                        peer_timeout=settings.peer_timeout)
   say(chaos_outcome.describe(record))
   for problem in record.problems:
     say(f"problem: {problem}")

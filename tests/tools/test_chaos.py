@@ -82,30 +82,48 @@ def test_deliverable_step_moves_past_a_later_resume():
 
 # --- launches ------------------------------------------------------------------------------
 
-# A stand-in for a job's process: reaches the 'step' moment of step 3, then (a SIGTERM
-# ignored) logs steps 4, 5, ... to metrics.jsonl, one every 0.2 s, for a minute.
+# A stand-in for a job's process: reaches the 'step' moment of step 3 (where a planned fault
+# strikes; SIGTERM is ignored), then logs steps 1 .. argv[2] to metrics.jsonl, one every
+# 0.2 s, and ends with a checkpoint directory of the last one.
 _FAKE_PROCESS = """
 import json, os, signal, sys, time
 from psvae_jax import fault_points
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 fault_points.reached("step", 3)
-os.makedirs(sys.argv[1], exist_ok=True)
-for step in range(4, 300):
-  with open(os.path.join(sys.argv[1], "metrics.jsonl"), "a") as f:
+workdir, last = sys.argv[1], int(sys.argv[2])
+os.makedirs(workdir, exist_ok=True)
+for step in range(1, last + 1):
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write(json.dumps({"step": step}) + "\\n")
   time.sleep(0.2)
+os.makedirs(os.path.join(workdir, "checkpoints", str(last)))
 """
 
 
 @dataclasses.dataclass
 class _FakeJob(chaos_launch.Job):
+  last_step: int = 300
+
   def command(self, process, port):
-    return [sys.executable, "-c", _FAKE_PROCESS, self.workdir]
+    return [sys.executable, "-c", _FAKE_PROCESS, self.workdir, str(self.last_step)]
 
 
-def _fake_job(tmp_path, processes):
+def _fake_job(tmp_path, processes, last_step=300):
   return _FakeJob(config="", overrides=[], workdir=str(tmp_path / "run"), processes=processes,
-                  log_dir=str(tmp_path / "logs"), cwd=REPO_ROOT)
+                  log_dir=str(tmp_path / "logs"), cwd=REPO_ROOT, last_step=last_step)
+
+
+def test_plan_runs_one_launch_per_fault_then_one_to_the_end(tmp_path):
+  fault = chaos_plan.Fault(index=0, moment="step", step=3, signal="SIGKILL", process=0)
+  lines = []
+  records, problems = chaos._run_plan(_fake_job(tmp_path, 1, last_step=3), [fault],
+                                      chaos.Settings(faults=1), checkpoint_every=0,
+                                      total_steps=3, log_every=1, say=lines.append)
+  assert problems == []
+  assert [r.launch.ends[0].returncode for r in records] == [-9, 0]
+  assert (records[1].start_step, records[1].logged, records[1].end_step) == (0, [1, 2, 3], 3)
+  assert lines[0].startswith("soak00: SIGKILL to process 0 at step of step 3; resumed at step 0")
+  assert lines[1].startswith("soak01: no fault; resumed at step 0, reached 3, checkpoint 3")
 
 
 @pytest.mark.reliability(fault="chaos soak launch: a survivor outlives its killed peer",
@@ -127,7 +145,8 @@ def test_launch_kills_a_process_that_trains_on_after_sigterm(tmp_path):
   launch = chaos_launch.run(_fake_job(tmp_path, 1), "t", fault=fault, fault_step=3,
                             launch_timeout=50, peer_timeout=1, term_grace_steps=2)
   assert launch.ignored_sigterm_at == 7 and launch.ends[0].returncode == -9
-  record = chaos_outcome.LaunchRecord(launch, start_step=3, end_step=3, logged=[4, 5, 6, 7])
+  record = chaos_outcome.LaunchRecord(launch, start_step=0, end_step=0, logged=[1, 2, 3, 4, 5,
+                                                                                6, 7])
   assert _check(record) == ["t: process 0 went on training after SIGTERM at step 3 (step 7 "
                             "logged); killed"]
 
