@@ -81,12 +81,13 @@ def check(record: LaunchRecord, *, total_steps: int, log_every: int,
                     "killed")
   # Once the soak killed a process that ignored its SIGTERM, the others face a lost peer.
   all_stop = fault.signal == "SIGTERM" and launch.ignored_sigterm_at is None
+  how = fault.signal if all_stop or fault.signal == "SIGKILL" else "killed by the soak"
   for end in launch.ends:
     if end is target and launch.ignored_sigterm_at is not None:
       continue
     if end is not target and end.returncode is None:
       problems.append(f"{launch.tag}: process {end.process} still running {peer_timeout:g} s "
-                      f"after process {target.process} ended ({fault.signal}); killed")
+                      f"after process {target.process} ended ({how}); killed")
     elif (end is target or all_stop) and end.returncode != expected:
       problems.append(f"{launch.tag}: process {end.process} ended with "
                       f"{status(end.returncode)} after {fault.signal} to process "

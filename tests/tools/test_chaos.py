@@ -140,6 +140,8 @@ def test_launch_kills_a_survivor_after_the_peer_timeout(tmp_path):
   assert problems == ["t: process 0 still running 1 s after process 1 ended (SIGKILL); killed"]
 
 
+@pytest.mark.reliability(fault="chaos soak launch: a process trains on after its SIGTERM",
+                         expected="killed once the job is --term_grace_steps past, reported")
 def test_launch_kills_a_process_that_trains_on_after_sigterm(tmp_path):
   fault = chaos_plan.Fault(index=0, moment="step", step=3, signal="SIGTERM", process=0)
   launch = chaos_launch.run(_fake_job(tmp_path, 1), "t", fault=fault, fault_step=3,
@@ -151,6 +153,8 @@ def test_launch_kills_a_process_that_trains_on_after_sigterm(tmp_path):
                             "logged); killed"]
 
 
+@pytest.mark.reliability(fault="chaos soak launch: a launch hangs",
+                         expected="killed at --launch_timeout and reported as hung")
 def test_launch_kills_a_hung_launch_at_its_timeout(tmp_path):
   launch = chaos_launch.run(_fake_job(tmp_path, 1), "t", launch_timeout=1, peer_timeout=1)
   assert launch.timed_out and launch.ends[0].returncode is None and launch.wall_s < 20
@@ -204,7 +208,8 @@ def test_outcome_after_an_ignored_sigterm_treats_the_others_as_survivors():
   survivor_hangs = _record("b", fault, 4, 4, [5, 6, 7, 8, 9, 10], [None, -9])
   survivor_hangs.launch.ignored_sigterm_at = 10
   assert len(_check(survivor_hangs)) == 2
-  assert "process 0 still running 30 s after process 1 ended" in _check(survivor_hangs)[1]
+  assert _check(survivor_hangs)[1] == ("b: process 0 still running 30 s after process 1 ended "
+                                       "(killed by the soak); killed")
 
 
 def test_outcome_reports_hangs_wrong_exits_and_wrong_resumes():
