@@ -247,6 +247,12 @@ class Checkpointer:
         self._steps_without_manifest.append(step)
     return saved
 
+  def require(self, step: int) -> None:
+    """Makes the save of `step`, if still in flight, one whose failure raises whatever
+    on_save_error says (as `save(..., required=True)`): a SIGTERM arrived after it started."""
+    if self._in_flight is not None and self._in_flight[0] == step:
+      self._in_flight = (step, True)
+
   def wait(self) -> None:
     """Waits for the running save and writes the manifests of every finalized step; a failure
     of that save is reported as in `save`."""

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from psvae_jax import checkpoint as ckpt_lib
-from psvae_jax import config_base, console, perf, runs, sharding
+from psvae_jax import config_base, console, fault_points, perf, runs, sharding
 from psvae_jax import train_state as ts
 from psvae_jax.metrics_log import RunLogger
 from psvae_jax.optim import ema_update, learning_rate_schedule
@@ -331,9 +331,11 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
   step = start
   watch.begin(start, config.total_steps)
   for step in range(start, config.total_steps):
+    fault_points.reached("data", step)
     host_batch = task.prepare_batch(next(data_iterator))
     batch = sharding.host_local_to_global(host_batch, mesh)
     state, ema, metrics = step_fn(state, ema, batch)
+    fault_points.reached("step", step)
     pending.append(metrics)
     steps_since_log += 1
     done = step + 1
@@ -361,11 +363,17 @@ def _run_steps(task, config, workdir, layout, mesh, state, ema, start, data_iter
     if is_last:
       task.finalize(eval_model(layout, state, ema),
                     lambda n: separate_training_batches(task, config, mesh, n))
+    scheduled = (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last
+    if scheduled:
+      save(done, required=is_last)
+      fault_points.reached("save", step)
+    fault_points.reached("between", step, wait=state)
     # Every process learns of a stop request at the same step (see preemption.PreemptionWatch).
-    preempted = watch.should_stop(done)
-    if (config.checkpoint_every and done % config.checkpoint_every == 0) or is_last or preempted:
-      save(done, force=preempted, required=is_last or preempted)
-    if preempted:
+    if watch.should_stop(done):
+      if scheduled and done not in checkpointer.failed_saves:
+        checkpointer.require(done)  # that save holds this step: its failure must stop the run
+      else:
+        save(done, force=True, required=True)
       checkpointer.wait()
       raise Preempted(done)
   checkpointer.wait()
