@@ -111,8 +111,13 @@ PRESETS: dict[str, EncoderConfig] = {
     # Tiny shapes for smoke runs and tests (not pretrained networks).
     "dinov2_tiny_reg": _dinov2(64, 2, 4, registers=4, image_size=224),
     "siglip_tiny": _siglip(64, 2, 4, 128, image_size=224),
+    # The smallest shape that still has every part of the model (checkpoint fixtures): 2x2
+    # patches of 8x8 images, 4x4 tokens.
+    "dinov2_micro_reg": dataclasses.replace(_dinov2(8, 1, 2, registers=4, image_size=8),
+                                            patch_size=2),
 }
 PRESETS["tiny"] = PRESETS["dinov2_tiny_reg"]
+PRESETS["micro"] = PRESETS["dinov2_micro_reg"]
 
 
 class VisionEncoder(nnx.Module):

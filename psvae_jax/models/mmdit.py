@@ -164,6 +164,11 @@ PRESETS = {
     # 4 layers of width 128 (CPU toy runs: the tiny preset draws blobs, not shapes).
     "small": MMDiTConfig(num_layers=4, num_heads=4, head_dim=32, text_dim=64, pooled_dim=64,
                          ddt_head=DDTHeadConfig(width=128, depth=2, num_heads=2)),
+    # The smallest shape that still has every part of the model (checkpoint fixtures).
+    # Two layers: a block and the last (context_pre_only) block.
+    "micro": MMDiTConfig(num_layers=2, num_heads=2, head_dim=4, text_dim=8, pooled_dim=8,
+                         timestep_embed_dim=8,
+                         ddt_head=DDTHeadConfig(width=8, depth=1, num_heads=2)),
     "base": MMDiTConfig(num_layers=13, num_heads=16, head_dim=64, ddt_head=DDTHeadConfig()),
     "large": MMDiTConfig(num_layers=18, num_heads=24, head_dim=64, ddt_head=DDTHeadConfig()),
 }

@@ -77,6 +77,9 @@ PRESETS: dict[str, TextEncoderConfig] = {
                                       num_kv_heads=2, mlp_dim=8960, rope_theta=1_000_000.0),
     "tiny": TextEncoderConfig(vocab_size=512, width=64, depth=2, num_heads=4, num_kv_heads=2,
                               mlp_dim=128, rope_theta=10_000.0),
+    # The smallest shape that still has every part of the model (checkpoint fixtures).
+    "micro": TextEncoderConfig(vocab_size=512, width=8, depth=1, num_heads=2, num_kv_heads=1,
+                               mlp_dim=16, rope_theta=10_000.0),
 }
 
 

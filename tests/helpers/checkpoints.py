@@ -22,6 +22,8 @@ def restore_all(workdir, step=None):
   out = {}
   for item in ("state", "ema"):
     path = os.path.join(directory, str(step), item)
+    if not os.path.isdir(path):  # no 'ema' without EMA
+      continue
     meta = ocp.StandardCheckpointer().metadata(path).item_metadata
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
     tree = ocp.StandardCheckpointer().restore(path, target)
