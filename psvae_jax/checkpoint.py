@@ -123,11 +123,19 @@ _ORBAX_SAVE_FAILURE_LOGS = ("Handler Commit operations", "Save Finalize thread",
 _ORBAX_PATH = f"{os.sep}orbax{os.sep}"
 
 
+# The warning Orbax gives when a type handler is replaced: the CPU one below, on purpose.
+_ORBAX_HANDLER_OVERRIDE_LOG = 'Type handler registry type "%s" overriding'
+
+
 class _OrbaxSaveFailuresToLogFile(logging.Filter):
-  """Demotes the ERROR records of a failed Orbax save to INFO (see _ORBAX_SAVE_FAILURE_LOGS)."""
+  """Demotes the ERROR records of a failed Orbax save to INFO (see _ORBAX_SAVE_FAILURE_LOGS), and
+  the warning of the project's own type-handler override."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     text = str(record.msg)
+    if text.startswith(_ORBAX_HANDLER_OVERRIDE_LOG) and _ORBAX_PATH in record.pathname:
+      record.levelno, record.levelname = logging.INFO, "INFO"
+      return True
     if record.levelno >= logging.ERROR and (
         (_ORBAX_PATH in record.pathname and any(t in text for t in _ORBAX_SAVE_FAILURE_LOGS))
         or (record.name == "asyncio" and "exception was never retrieved" in text
@@ -141,7 +149,8 @@ _SAVE_FAILURE_FILTER = _OrbaxSaveFailuresToLogFile()
 
 def _configure_orbax() -> None:
   """Once per process: Orbax's save-failure records off the console (see
-  _ORBAX_SAVE_FAILURE_LOGS), and on CPU, replicated arrays written from one replica.
+  _ORBAX_SAVE_FAILURE_LOGS), and on CPU, replicated arrays written from one replica (the
+  handler override's warning goes to the log file).
 
   Orbax's replica-parallel writes slice every replicated array per device with a jitted slice
   per (shape, device): on simulated CPU devices those compiles cost far more than the write.

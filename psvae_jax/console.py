@@ -26,6 +26,9 @@ def quiet_native_logs() -> None:
   libtpu's metadata-server probe on hosts without TPU chips (libtpu is installed on CPU
   machines for the AOT compile checks). Variables the user set are kept."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # TensorFlow (loaded for the TensorBoard writer only, it computes nothing here) announces its
+  # oneDNN kernels at import through a C++ logger that ignores TF_CPP_MIN_LOG_LEVEL.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*")):
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
