@@ -300,7 +300,8 @@ def tpu_aot_rows(results: dict[str, dict]) -> list[tuple[str, ...]]:
                  f"{r['total_gib']:.1f} GiB", "yes" if r["fits"] else "NO",
                  f"{r['flops_per_chip'] / 1e12:.2f}",
                  "-" if analytic is None else f"{analytic / 1e12:.2f}",
-                 f"{r['est_step_time_s']:.3f}", _fmt_fraction(r.get("est_mfu")),
+                 "-" if r["est_step_time_s"] is None else f"{r['est_step_time_s']:.3f}",
+                 _fmt_fraction(r.get("est_mfu")),
                  f"{r['compile_s']:.0f} s"))
   return rows
 

@@ -282,7 +282,7 @@ def fit_report(config, config_spec: str, topology: Topology, compiled, mesh, tas
       "fits": total <= (1.0 - margin) * hbm,
       "flops_per_chip": flops,
       "bytes_accessed_per_chip": cost.get("bytes accessed"),
-      "est_step_time_s": cost.get("optimal_seconds"),
+      "est_step_time_s": _step_time_estimate(cost),
       # The compute-bound floor: cost-model FLOPs at the chip's dense bf16 peak.
       "min_step_time_s_at_peak": flops / topology.chip.peak_bf16_flops if flops else None,
   }
@@ -294,6 +294,13 @@ def fit_report(config, config_spec: str, topology: Topology, compiled, mesh, tas
     report["est_mfu"] = (report["analytic_flops_per_chip"] / seconds /
                          topology.chip.peak_bf16_flops) if seconds else None
   return report
+
+
+def _step_time_estimate(cost: dict) -> float | None:
+  """The cost model's step time, or None where it has none: for a multi-slice step (traffic
+  over the data-centre network) libtpu's model gives a negative time."""
+  seconds = cost.get("optimal_seconds")
+  return seconds if seconds is not None and seconds > 0 else None
 
 
 # --- command line --------------------------------------------------------------------------

@@ -119,6 +119,22 @@ def test_compiles_the_svae_step_for_a_v5p_slice():
 
 @needs_libtpu
 @pytest.mark.slow
+def test_compiles_a_two_slice_step_over_a_hybrid_mesh():
+  # Two v5p:2x2x1 slices: the data axis spans the slices (mesh.dcn_data=2) and the chips of each.
+  proc = _run_aot("--config=configs/svae.py:smoke", "--topology=v5p:2x2x1", "--slices=2",
+                  "--config.mesh.dcn_data=2", "--config.mesh.data=4", "--config.mesh.fsdp=2",
+                  "--breakdown", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+  assert report["chips"] == 8 and report["slices"] == 2 and report["fits"] is True
+  assert report["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert report["breakdown"]["collective_bytes"].get("all-reduce", 0) > 0  # gradients, all slices
+  # libtpu's cost model has no time for traffic between slices: reported as none, not negative.
+  assert report["est_step_time_s"] is None and report["est_mfu"] is None
+
+
+@needs_libtpu
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["t2i", "edit"])
 def test_compiles_the_generator_step_with_splash_for_tpu_from_this_host(stage):
   # The kernel follows the compile target: a CPU host AOT-compiles the TPU splash kernel, in
