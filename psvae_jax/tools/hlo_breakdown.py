@@ -3,7 +3,8 @@
   python -m psvae_jax.tools.hlo_breakdown FILE.hlo      (the text of `compiled.as_text()`)
 
 Every dot and convolution (fused or not) is counted as 2 x output elements x contraction size
-and attributed to the innermost file of this project on its stack (the module's StackFrames table):
+and attributed to the innermost file of this project on its stack; so is an estimate of the
+HBM traffic (see `breakdown`) (the module's StackFrames table):
 models/lpips.py, models/pixel_decoder.py, ... Collectives are counted with their output bytes. Loop bodies are
 counted once (the autoencoder steps have no scanned layers); per chip, as the HLO is.
 
@@ -139,36 +140,69 @@ def _mean_valid_taps(in_size: int, window: int, out_size: int, w: dict) -> float
   return valid / max(out_size, 1)
 
 
+# Instructions that move no data through HBM themselves (bookkeeping, control flow).
+_NO_TRAFFIC = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while",
+               "conditional", "call", "after-all", "partition-id", "replica-id", "iota")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+
+
 def breakdown(hlo_text: str) -> dict[str, dict[str, float]]:
-  """{'flops': {source file: FLOPs}, 'collective_bytes': {kind: bytes}} of one HLO module."""
-  shapes: dict[str, list[int]] = {}
+  """{'flops': {source: FLOPs}, 'bytes': {source: bytes}, 'collective_bytes': {kind: bytes}}
+  of one HLO module.
+
+  'bytes' estimates HBM traffic: for every instruction outside fused computations (a fusion
+  reads its operands and writes its result once; what happens inside stays on chip), its
+  operands' and result's bytes, attributed like the FLOPs. An instruction that reads only part
+  of an operand (a slice) is counted with the whole operand, so this reads a little high.
+  """
+  shapes: dict[str, str] = {}  # instruction -> its shape text
   lines = hlo_text.splitlines()
   stacks = _Stacks(lines)
+  fused: set[str] = set()
   for line in lines:
     match = _DEF.match(line)
     if match:
-      shapes[match.group(1)] = _dims(match.group(2))
+      shapes[match.group(1)] = match.group(2)
+      if match.group(3) == "fusion" and (called := _CALLS.search(line)):
+        fused.add(called.group(1))
+  dims = {name: _dims(text) for name, text in shapes.items()}
   flops: dict[str, float] = collections.Counter()
+  traffic: dict[str, float] = collections.Counter()
   comms: dict[str, float] = collections.Counter()
+  inside_fusion = False
   for line in lines:
+    if header := _COMPUTATION.match(line):
+      inside_fusion = header.group(2) in fused
+      continue
     match = _DEF.match(line)
     if not match:
       continue
     name, shape_text, op = match.groups()
+    source = stacks.source(line)
     if op in ("dot", "convolution"):
-      flops[f"{op} {stacks.source(line)}"] += _flops(op, _dims(shape_text), line, shapes)
+      flops[f"{op} {source}"] += _flops(op, _dims(shape_text), line, dims)
     elif op.removesuffix("-start") in COLLECTIVES:
       comms[op.removesuffix("-start")] += _nbytes(shape_text)
-  return {"flops": dict(flops), "collective_bytes": dict(comms)}
+    if not inside_fusion and op not in _NO_TRAFFIC:
+      operands = _OPERANDS.search(line[line.index(op + "("):]).group(1)
+      names = [o.strip().split(" ")[-1].lstrip("%") for o in operands.split(",") if o.strip()]
+      traffic[source] += _nbytes(shape_text) + sum(_nbytes(shapes.get(n, "")) for n in names)
+  return {"flops": dict(flops), "bytes": dict(traffic), "collective_bytes": dict(comms)}
 
 
 def format_breakdown(result: dict[str, dict[str, float]]) -> str:
-  """Rows sorted by FLOPs, then collectives, as plain text."""
+  """Rows sorted by FLOPs, then by HBM traffic, then collectives, as plain text."""
   total = sum(result["flops"].values()) or 1.0
   rows = [f"{'op / source':48s} {'TFLOP':>9s} {'share':>6s}"]
   for key, value in sorted(result["flops"].items(), key=lambda kv: -kv[1]):
     rows.append(f"{key:48s} {value / 1e12:9.3f} {value / total:6.1%}")
   rows.append(f"{'total dot + convolution':48s} {total / 1e12:9.3f}")
+  traffic = result.get("bytes", {})
+  total_bytes = sum(traffic.values()) or 1.0
+  rows.append(f"{'HBM traffic (estimate) / source':48s} {'GiB':>9s} {'share':>6s}")
+  for key, value in sorted(traffic.items(), key=lambda kv: -kv[1]):
+    rows.append(f"{key:48s} {value / 2**30:9.3f} {value / total_bytes:6.1%}")
   for kind, value in sorted(result["collective_bytes"].items()):
     rows.append(f"{kind:48s} {value / 2**30:9.3f} GiB")
   return "\n".join(rows)

@@ -50,3 +50,16 @@ def test_input_dilation_holes_are_not_counted():
   taps = _valid_taps(4, 4, 3, (0, 0), lhs_dilation=4)
   assert flops == 2 * 2 * taps * 16 * 8
   assert flops < 2 * out.size * 16 * 16  # the whole window (4 x 4 taps) would count 16x this
+
+
+def test_traffic_counts_what_each_top_level_instruction_reads_and_writes():
+  def f(x, w):
+    return jnp.tanh(x @ w) * 2.0  # one dot (+ elementwise tail): x, w in, the result out
+
+  x, w = jnp.ones((64, 32)), jnp.ones((32, 16))
+  result = hlo_breakdown.breakdown(jax.jit(f).lower(x, w).compile().as_text())
+  traffic = sum(result["bytes"].values())
+  # At least the inputs and the output once each (4 bytes a float); at most a few passes more.
+  floor = 4 * (64 * 32 + 32 * 16 + 64 * 16)
+  assert floor <= traffic <= 4 * floor, (traffic, floor)
+  assert "HBM traffic" in hlo_breakdown.format_breakdown(result)
