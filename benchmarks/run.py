@@ -290,18 +290,23 @@ def paper_rows(results: dict[str, dict]) -> list[tuple[str, ...]]:
 
 
 def tpu_aot_rows(results: dict[str, dict]) -> list[tuple[str, ...]]:
-  """One row per compiled step of the tpu_aot suite (per-chip figures, XLA's cost model)."""
-  rows = [("step", "slice", "mesh", "batch", "memory/chip", "fits", "XLA TFLOP", "analytic",
-           "est. s/step", "est. MFU", "compile")]
+  """One row per compiled step of the tpu_aot suite (per chip; times are XLA's cost model, and
+  'est.' columns correct it for the loop bodies it counts once: see tools.aot)."""
+  rows = [("step", "slice", "mesh", "batch", "memory/chip", "fits", "XLA TFLOP", "dot TFLOP",
+           "analytic", "est. s/step", "est. MFU", "XLA s/step", "XLA MFU", "compile")]
+  seconds = lambda v: "-" if v is None else f"{v:.3f}"
   for name, r in results.items():
     mesh = "x".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
     analytic = r.get("analytic_flops_per_chip")
+    dots = r.get("dot_flops_per_chip")
     rows.append((r["config"].split("/")[-1], r["topology"], mesh, str(r["batch_size"]),
                  f"{r['total_gib']:.1f} GiB", "yes" if r["fits"] else "NO",
                  f"{r['flops_per_chip'] / 1e12:.2f}",
+                 "-" if dots is None else f"{dots / 1e12:.2f}",
                  "-" if analytic is None else f"{analytic / 1e12:.2f}",
-                 "-" if r["est_step_time_s"] is None else f"{r['est_step_time_s']:.3f}",
-                 _fmt_fraction(r.get("est_mfu")),
+                 seconds(r.get("est_step_time_s_loops")), _fmt_fraction(r.get("est_mfu")),
+                 seconds(r["est_step_time_s"]),
+                 _fmt_fraction(r.get("est_mfu_xla", r.get("est_mfu"))),
                  f"{r['compile_s']:.0f} s"))
   return rows
 

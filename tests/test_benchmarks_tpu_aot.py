@@ -28,13 +28,20 @@ def test_compiles_keep_their_hlo_next_to_the_json():
 
 
 def test_table_row():
-  report = {"config": "configs/psvae.py:tpu_v5p", "topology": "v5p:2x2x2",
-            "mesh": {"data": 8, "fsdp": 1, "tensor": 1}, "batch_size": 96, "total_gib": 20.25,
-            "fits": True, "flops_per_chip": 17.0e12, "analytic_flops_per_chip": 16.6e12,
-            "est_step_time_s": 0.1, "est_mfu": 0.3616, "compile_s": 312.0}
-  assert run.tpu_aot_rows({"psvae_v5p_8": report})[1] == (
-      "psvae.py:tpu_v5p", "v5p:2x2x2", "8x1x1", "96", "20.2 GiB", "yes", "17.00", "16.60",
-      "0.100", "36.2%", "312 s")
+  report = {"config": "configs/t2i.py:tpu_v5p", "topology": "v5p:2x2x4",
+            "mesh": {"data": 1, "fsdp": 16, "tensor": 1}, "batch_size": 768, "total_gib": 20.25,
+            "fits": True, "flops_per_chip": 25.4e12, "dot_flops_per_chip": 46.85e12,
+            "analytic_flops_per_chip": 49.4e12, "est_step_time_s": 0.221,
+            "est_step_time_s_loops": 0.412, "est_mfu": 0.261, "est_mfu_xla": 0.487,
+            "compile_s": 1272.0}
+  assert run.tpu_aot_rows({"t2i_v5p_16": report})[1] == (
+      "t2i.py:tpu_v5p", "v5p:2x2x4", "1x16x1", "768", "20.2 GiB", "yes", "25.40", "46.85",
+      "49.40", "0.412", "26.1%", "0.221", "48.7%", "1272 s")
+  # A report from before the loop correction (and a multi-slice one without a time).
+  old = dict(report, est_step_time_s=None, est_mfu=None)
+  for key in ("dot_flops_per_chip", "est_step_time_s_loops", "est_mfu_xla"):
+    del old[key]
+  assert run.tpu_aot_rows({"old": old})[1][7:13] == ("-", "49.40", "-", "-", "-", "-")
 
 
 @pytest.mark.parametrize("preset,expected", [

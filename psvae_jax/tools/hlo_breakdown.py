@@ -3,10 +3,12 @@
   python -m psvae_jax.tools.hlo_breakdown FILE.hlo      (the text of `compiled.as_text()`)
 
 Every dot and convolution (fused or not) is counted as 2 x output elements x contraction size
-and attributed to the innermost file of this project on its stack; so is an estimate of the
-HBM traffic (see `breakdown`) (the module's StackFrames table):
-models/lpips.py, models/pixel_decoder.py, ... Collectives are counted with their output bytes. Loop bodies are
-counted once (the autoencoder steps have no scanned layers); per chip, as the HLO is.
+and attributed to the innermost file of this project on its stack (the module's StackFrames
+table: models/lpips.py, models/pixel_decoder.py, ...); so is an estimate of the HBM traffic
+(see `breakdown`). Collectives are counted with their output bytes. Every computation counts as
+often as it runs: a while loop's body times its trip count (XLA's own cost analysis counts it
+once; the TPU compiler makes such loops of FSDP's weight gathers, "windowed einsums"). Per
+chip, as the HLO is.
 
 A convolution's contraction counts only the window taps that land on real input elements:
 padding and the holes of an input dilation are skipped. The TPU compiler writes batched matmuls
@@ -22,7 +24,9 @@ import os
 import re
 import sys
 
-_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(?[a-z0-9]+\[[^\]]*\][^ ]*)\s+(\w[\w\-]*)\(")
+# An instruction: name = shape (an array, or a tuple of them with spaces) op(operands...
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|[a-z0-9]+\[[^\]]*\]\S*)\s+"
+                  r"([a-z][\w\-]*)\(")
 _SHAPE = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
 _OPERANDS = re.compile(r"\(([^)]*)\)")
 _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
@@ -32,6 +36,16 @@ _STACK_FRAME = re.compile(r"^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1,
           "f64": 8, "s64": 8, "u64": 8}
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# Instructions that move no data through HBM themselves (bookkeeping, control flow).
+_NO_TRAFFIC = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while",
+               "conditional", "call", "after-all", "partition-id", "replica-id", "iota")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLS = re.compile(r"\b(calls|body|condition|branch_computations|true_computation|"
+                    r"false_computation)=\{?([^}\s]*(?:, %[\w.\-]+)*)\}?")
+_LOOP_LIMIT = re.compile(r"compare\([^)]*\)[^\n]*direction=LT")
+_KNOWN_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_TUPLE_INDEX = re.compile(r"get-tuple-element\(.*\),\s*index=(\d+)")
+_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*[su]32\[\][^ ]*\s+constant\((\d+)\)")
 
 
 def _dims(shape_text: str) -> list[int]:
@@ -140,55 +154,194 @@ def _mean_valid_taps(in_size: int, window: int, out_size: int, w: dict) -> float
   return valid / max(out_size, 1)
 
 
-# Instructions that move no data through HBM themselves (bookkeeping, control flow).
-_NO_TRAFFIC = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while",
-               "conditional", "call", "after-all", "partition-id", "replica-id", "iota")
-_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
-_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+class _Module:
+  """An HLO module's computations, instructions and call graph."""
+
+  def __init__(self, hlo_text: str):
+    self.lines = hlo_text.splitlines()
+    self.stacks = _Stacks(self.lines)
+    self.shapes: dict[str, str] = {}  # instruction -> its shape text
+    self.line_of: dict[str, str] = {}  # instruction -> its line
+    self.computations: dict[str, list[str]] = {}  # name -> instruction lines
+    self.entry = ""
+    # computation -> [(called computation, how it is called)]
+    self.calls: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    current = None
+    for line in self.lines:
+      if header := _COMPUTATION.match(line):
+        current = header.group(2)
+        self.computations[current] = []
+        if header.group(1):
+          self.entry = current
+        continue
+      match = _DEF.match(line)
+      if not match or current is None:
+        continue
+      self.shapes[match.group(1)] = match.group(2)
+      self.line_of[match.group(1)] = line
+      self.computations[current].append(line)
+      self.calls[current].extend(self._called(line))
+    self.dims = {name: _dims(text) for name, text in self.shapes.items()}
+    # Computations that fusion instructions call: their instructions stay on chip.
+    self.fused = {c for lines in self.computations.values() for line in lines
+                  if _DEF.match(line).group(3) == "fusion"
+                  for c, kind in self._called(line) if kind == "calls"}
+    self.multiplicity = self._multiplicities()
+
+  @staticmethod
+  def _called(line: str) -> list[tuple[str, str]]:
+    return [(n.strip().lstrip("%"), kind) for kind, names in _CALLS.findall(line)
+            for n in names.split(",") if n.strip()]
+
+  def trip_count(self, while_line: str) -> float:
+    """Iterations of a while loop: the trip count the compiler wrote down, else read from a
+    loop `i = init; while i < N: ...; i += step` (the TPU compiler's form): its condition, its
+    body's counter update and the counter's initial value (0 and 1 when they are not
+    constants); 1 when the loop has another form."""
+    known = _KNOWN_TRIP_COUNT.search(while_line)  # the CPU compiler writes it down
+    if known:
+      return float(known.group(1))
+    called = dict((kind, c) for c, kind in self._called(while_line))
+    limit = self._loop_limit(called.get("condition", ""))
+    if limit is None:
+      return 1.0
+    index, bound = limit
+    step = self._counter_step(called.get("body", ""), index) or 1
+    operand = self.operand_names(while_line, "while")
+    init = self._tuple_constant(operand[0], index) if operand else None
+    return float(max(0, -(-(bound - (init or 0)) // step)))
+
+  def _loop_limit(self, condition: str) -> tuple[int, int] | None:
+    """(tuple index of the counter, N) of a condition `get-tuple-element(p, index=k) < N`."""
+    for line in self.computations.get(condition, []):
+      if _LOOP_LIMIT.search(line):
+        a, b = self.operand_names(line, "compare")[:2]
+        counter, bound = self._constant(b), _TUPLE_INDEX.search(self.line_of.get(a, ""))
+        if counter is not None and bound:
+          return int(bound.group(1)), counter
+    return None
+
+  def _counter_step(self, body: str, index: int) -> int | None:
+    """c of the body's `counter + c` at tuple position `index` of its result."""
+    root = next((line for line in self.computations.get(body, [])
+                 if line.lstrip().startswith("ROOT") and " tuple(" in line), None)
+    names = self.operand_names(root, "tuple") if root else []
+    update = self.line_of.get(names[index], "") if index < len(names) else ""
+    if _DEF.match(update) and _DEF.match(update).group(3) == "add":
+      return next((c for c in map(self._constant, self.operand_names(update, "add"))
+                   if c is not None), None)
+    return None
+
+  def _tuple_constant(self, tuple_name: str, index: int) -> int | None:
+    line = self.line_of.get(tuple_name, "")
+    if not _DEF.match(line) or _DEF.match(line).group(3) != "tuple":
+      return None
+    names = self.operand_names(line, "tuple")
+    return self._constant(names[index]) if index < len(names) else None
+
+  def _constant(self, name: str) -> int | None:
+    match = _CONSTANT.match(self.line_of.get(name, ""))
+    return int(match.group(2)) if match else None
+
+  def _multiplicities(self) -> dict[str, float]:
+    """How many times each computation runs per execution of the entry computation."""
+    times: dict[str, float] = collections.Counter({self.entry: 1.0})
+    order, seen, stack = [], set(), [self.entry]
+    while stack:  # callers before callees (the call graph is acyclic)
+      name = stack.pop()
+      if name in seen:
+        continue
+      seen.add(name)
+      order.append(name)
+      stack.extend(c for c, _ in self.calls.get(name, []))
+    indegree = collections.Counter(c for n in order for c, _ in self.calls.get(n, []))
+    ready = [self.entry]
+    while ready:
+      name = ready.pop()
+      for line in self.computations.get(name, []):
+        called = self._called(line)
+        for callee, kind in called:
+          factor = self.trip_count(line) if kind == "body" else 1.0
+          times[callee] += times[name] * factor
+          indegree[callee] -= 1
+          if indegree[callee] == 0:
+            ready.append(callee)
+    return dict(times)
+
+  def operand_names(self, line: str, op: str) -> list[str]:
+    operands = _OPERANDS.search(line[line.index(op + "("):]).group(1)
+    return [o.strip().split(" ")[-1].lstrip("%") for o in operands.split(",") if o.strip()]
 
 
-def breakdown(hlo_text: str) -> dict[str, dict[str, float]]:
-  """{'flops': {source: FLOPs}, 'bytes': {source: bytes}, 'collective_bytes': {kind: bytes}}
-  of one HLO module.
+def breakdown(hlo_text: str, *, peak_flops: float = 0.0,
+              hbm_bytes_per_s: float = 0.0) -> dict[str, dict[str, float]]:
+  """{'flops': {op source: FLOPs}, 'bytes': {source: bytes}, 'collective_bytes': {kind: bytes},
+  'loops': {...}} of one HLO module, counting each computation as often as it runs (a while
+  loop's body times its trip count).
 
   'bytes' estimates HBM traffic: for every instruction outside fused computations (a fusion
   reads its operands and writes its result once; what happens inside stays on chip), its
   operands' and result's bytes, attributed like the FLOPs. An instruction that reads only part
   of an operand (a slice) is counted with the whole operand, so this reads a little high.
+  With `peak_flops` and `hbm_bytes_per_s`, 'roofline_s' adds each such instruction's time at
+  the roofline, max(FLOPs / peak, bytes / bandwidth), per source (collectives and the insides
+  of custom calls, such as Pallas kernels, are not timed).
+  'loops': how many while loops run, and the dot/convolution FLOPs inside their bodies counted
+  once (as XLA's cost analysis counts them) and as often as they run.
   """
-  shapes: dict[str, str] = {}  # instruction -> its shape text
-  lines = hlo_text.splitlines()
-  stacks = _Stacks(lines)
-  fused: set[str] = set()
-  for line in lines:
-    match = _DEF.match(line)
-    if match:
-      shapes[match.group(1)] = match.group(2)
-      if match.group(3) == "fusion" and (called := _CALLS.search(line)):
-        fused.add(called.group(1))
-  dims = {name: _dims(text) for name, text in shapes.items()}
+  module = _Module(hlo_text)
   flops: dict[str, float] = collections.Counter()
   traffic: dict[str, float] = collections.Counter()
+  seconds: dict[str, float] = collections.Counter()
   comms: dict[str, float] = collections.Counter()
-  inside_fusion = False
-  for line in lines:
-    if header := _COMPUTATION.match(line):
-      inside_fusion = header.group(2) in fused
+  fusion_flops: dict[str, float] = {}  # fused computation -> its FLOPs, nested fusions included
+
+  def flops_of(comp: str) -> float:
+    if comp not in fusion_flops:
+      total = 0.0
+      for line in module.computations.get(comp, []):
+        _, shape_text, op = _DEF.match(line).groups()
+        if op in ("dot", "convolution"):
+          total += _flops(op, _dims(shape_text), line, module.dims)
+        elif op == "fusion":
+          total += sum(flops_of(c) for c, kind in module._called(line) if kind == "calls")
+      fusion_flops[comp] = total
+    return fusion_flops[comp]
+
+  once = in_loops = 0.0
+  for comp, lines in module.computations.items():
+    times = module.multiplicity.get(comp, 0.0)
+    if not times:
       continue
-    match = _DEF.match(line)
-    if not match:
-      continue
-    name, shape_text, op = match.groups()
-    source = stacks.source(line)
-    if op in ("dot", "convolution"):
-      flops[f"{op} {source}"] += _flops(op, _dims(shape_text), line, dims)
-    elif op.removesuffix("-start") in COLLECTIVES:
-      comms[op.removesuffix("-start")] += _nbytes(shape_text)
-    if not inside_fusion and op not in _NO_TRAFFIC:
-      operands = _OPERANDS.search(line[line.index(op + "("):]).group(1)
-      names = [o.strip().split(" ")[-1].lstrip("%") for o in operands.split(",") if o.strip()]
-      traffic[source] += _nbytes(shape_text) + sum(_nbytes(shapes.get(n, "")) for n in names)
-  return {"flops": dict(flops), "bytes": dict(traffic), "collective_bytes": dict(comms)}
+    for line in lines:
+      name, shape_text, op = _DEF.match(line).groups()
+      source = module.stacks.source(line)
+      if op in ("dot", "convolution"):
+        value = _flops(op, _dims(shape_text), line, module.dims)
+        flops[f"{op} {source}"] += value * times
+        if times > 1:
+          once += value
+          in_loops += value * times
+      elif op.removesuffix("-start") in COLLECTIVES:
+        comms[op.removesuffix("-start")] += _nbytes(shape_text) * times
+      if comp in module.fused or op in _NO_TRAFFIC:
+        continue
+      moved = _nbytes(shape_text) + sum(_nbytes(module.shapes.get(n, ""))
+                                        for n in module.operand_names(line, op))
+      traffic[source] += moved * times
+      if peak_flops and hbm_bytes_per_s and op.removesuffix("-start") not in COLLECTIVES:
+        work = (sum(flops_of(c) for c, kind in module._called(line) if kind == "calls")
+                if op == "fusion" else
+                _flops(op, _dims(shape_text), line, module.dims)
+                if op in ("dot", "convolution") else 0.0)
+        seconds[source] += max(work / peak_flops, moved / hbm_bytes_per_s) * times
+  result = {"flops": dict(flops), "bytes": dict(traffic), "collective_bytes": dict(comms),
+            "loops": {"count": sum(1 for ls in module.computations.values() for line in ls
+                                   if " while(" in line),
+                      "flops_in_bodies_once": once, "flops_in_bodies_run": in_loops}}
+  if peak_flops and hbm_bytes_per_s:
+    result["roofline_s"] = dict(seconds)
+  return result
 
 
 def format_breakdown(result: dict[str, dict[str, float]]) -> str:

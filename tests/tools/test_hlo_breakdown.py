@@ -63,3 +63,50 @@ def test_traffic_counts_what_each_top_level_instruction_reads_and_writes():
   floor = 4 * (64 * 32 + 32 * 16 + 64 * 16)
   assert floor <= traffic <= 4 * floor, (traffic, floor)
   assert "HBM traffic" in hlo_breakdown.format_breakdown(result)
+
+
+def test_loop_bodies_count_as_often_as_they_run():
+  def f(x, w):
+    return jax.lax.fori_loop(0, 10, lambda i, c: jnp.tanh(c @ w), x)
+
+  x, w = jnp.ones((64, 32)), jnp.ones((32, 32))
+  result = hlo_breakdown.breakdown(jax.jit(f).lower(x, w).compile().as_text())
+  one = 2 * 64 * 32 * 32
+  assert sum(result["flops"].values()) == 10 * one
+  assert result["loops"] == {"count": 1, "flops_in_bodies_once": one,
+                             "flops_in_bodies_run": 10 * one}
+
+
+# The shape of the TPU compiler's windowed-einsum loops: the counter starts at 1 and steps by 2.
+_STEPPED_LOOP = """HloModule m
+
+%body (p: (f32[8,8], u32[])) -> (f32[8,8], u32[]) {
+  %p = (f32[8,8], u32[]) parameter(0)
+  %x = f32[8,8] get-tuple-element(%p), index=0
+  %i = u32[] get-tuple-element(%p), index=1
+  %dot = f32[8,8] dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = u32[] constant(2)
+  %next = u32[] add(%i, %two)
+  ROOT %t = (f32[8,8], u32[]) tuple(%dot, %next)
+}
+
+%cond (q: (f32[8,8], u32[])) -> pred[] {
+  %q = (f32[8,8], u32[]) parameter(0)
+  %limit = u32[] constant(8)
+  %j = u32[] get-tuple-element(%q), index=1
+  ROOT %lt = pred[] compare(%j, %limit), direction=LT
+}
+
+ENTRY %main (a: f32[8,8]) -> (f32[8,8], u32[]) {
+  %a = f32[8,8] parameter(0)
+  %one = u32[] constant(1)
+  %init = (f32[8,8], u32[]) tuple(%a, %one)
+  ROOT %w = (f32[8,8], u32[]) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_trip_count_follows_the_counter_start_and_step():
+  result = hlo_breakdown.breakdown(_STEPPED_LOOP)
+  assert result["loops"]["count"] == 1
+  assert sum(result["flops"].values()) == 4 * 2 * 8 * 8 * 8  # i = 1, 3, 5, 7
