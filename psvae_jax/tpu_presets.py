@@ -6,13 +6,16 @@ MXU's native input type; float32 matmuls take several passes). Per stage and chi
   psvae  no remat (the paper batch fits with room to spare on v5p and v6e). On 64 chips batch
          96 does not divide by the chip count: add --config.mesh.tensor=4 (16-way data x
          4-way tensor; the conv networks then split image rows over `tensor`).
-  t2i    global batch 768 (the paper's 730 rounded up to divide 8..256-way data parallelism),
-         FSDP over every chip (the generator's float32 state is then spread, not copied);
-         remat: none on v5p (95 GiB HBM), 'dots' on v6e (32 GiB HBM: keep matmul outputs,
-         recompute the rest).
-Layer scan stays off: it shortens compilation, not the step, and the loss of unrolled blocks is
-what the measurements in benchmarks/RESULTS.md (tpu_aot) are for. Attention runs 'xla';
-select the Pallas kernel with --config.attention_impl=splash where it is available.
+  t2i    global batch 768 (the paper's 730 rounded up to divide 8..256-way data parallelism).
+         v5p (95 GiB HBM): plain data parallelism, the generator's float32 state copied on
+         every chip (31 GiB a chip for the base model on 16 chips), no remat. FSDP there made
+         the compiler gather every weight in loops re-reading the activations: 26% estimated
+         MFU against 46% (benchmarks/RESULTS.md, tpu_aot).
+         v6e (32 GiB HBM): FSDP over every chip (the state is spread, not copied) and remat
+         'dots' (keep matmul outputs, recompute the rest).
+Layer scan stays off: it shortens compilation, not the step (a scanned step is a loop whose
+weights are sliced each layer). Attention runs 'xla'; select the Pallas kernel with
+--config.attention_impl=splash where it is available.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import ml_collections
 
 CHIPS = ("v5p", "v6e")
 _T2I_REMAT = {"v5p": "", "v6e": "dots"}
+# (data, fsdp) of the generator's mesh: -1 = every chip.
+_T2I_MESH = {"v5p": (-1, 1), "v6e": (1, -1)}
 
 
 def split(preset: str) -> tuple[str, str]:
@@ -41,7 +46,7 @@ def apply(c: ml_collections.ConfigDict, chip: str) -> None:
     c.model.remat = False
   elif c.task == "t2i":
     c.batch_size = 768
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    (c.mesh.data, c.mesh.fsdp), c.mesh.tensor = _T2I_MESH[chip], 1
     c.model.remat_policy = _T2I_REMAT[chip]
   else:
     raise ValueError(f"no TPU preset for task {c.task!r}")

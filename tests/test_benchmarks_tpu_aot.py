@@ -67,5 +67,8 @@ def test_presets_set_bf16_and_keep_the_base_preset():
   c = _config("configs/t2i.py", "large_tpu_v6e")
   assert (c.compute_dtype, c.model.generator, c.batch_size, c.model.remat_policy) == (
       "bfloat16", "large", 768, "dots")
+  assert (c.mesh.data, c.mesh.fsdp) == (1, -1)  # 32 GiB chips: the state is spread
+  c = _config("configs/t2i.py", "tpu_v5p")
+  assert (c.mesh.data, c.mesh.fsdp, c.model.remat_policy) == (-1, 1, "")  # copied, as measured
   c = _config("configs/psvae.py", "tpu_v5p")
   assert (c.compute_dtype, c.batch_size, c.model.remat) == ("bfloat16", 96, False)
