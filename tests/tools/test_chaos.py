@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -332,6 +333,45 @@ def test_sigterm_at_each_moment_checkpoints_that_step(tmp_path, monkeypatch, mom
   assert preempted.value.step == 4 and preempted.value.code == 143
   assert marker.read_text().startswith(f"{moment} 3 SIGTERM pid={os.getpid()}")
   assert max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == 4
+
+
+# A multi-process run's launched process (peer_supervisor) whose worker reaches the 'step'
+# moment of step 3; the worker writes its pid and, for SIGTERM, the pid that signalled it.
+_SUPERVISED = """
+import os, signal, sys
+from psvae_jax import peer_supervisor
+workdir = sys.argv[1]
+status = peer_supervisor.supervise(workdir=workdir, peer_timeout_s=7)
+if status is not None:
+  sys.exit(status)
+open(os.path.join(workdir, "worker.pid"), "w").write(str(os.getpid()))
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+from psvae_jax import fault_points
+fault_points.reached("step", 3)
+info = signal.sigtimedwait([signal.SIGTERM], 60)
+open(os.path.join(workdir, "sender.pid"), "w").write(str(info.si_pid if info else 0))
+sys.exit(143)
+"""
+
+
+@pytest.mark.reliability(fault="a planned {name} in a supervised worker (multi-process run)",
+                         expected="strikes the launched process, as a scheduler or dying host "
+                                  "would")
+@pytest.mark.parametrize("name", fault_points.SIGNALS)
+def test_a_supervised_worker_strikes_the_launched_process(tmp_path, name):
+  env = {**os.environ, fault_points.PLAN_ENV: f"step:3:{name}",
+         fault_points.MARKER_ENV: str(tmp_path / "delivered"), "JAX_PLATFORMS": "cpu"}
+  launched = subprocess.run([sys.executable, "-c", _SUPERVISED, str(tmp_path)], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+  worker = int((tmp_path / "worker.pid").read_text())
+  assert (tmp_path / "delivered").read_text().startswith(f"step 3 {name} pid={worker}")
+  if name == "SIGKILL":  # the launched process itself, not only its worker (that would be 137)
+    assert launched.returncode == -signal.SIGKILL, launched.stderr
+    assert not (tmp_path / "sender.pid").exists()
+  else:  # forwarded by the launched process, which passes the worker's exit on
+    assert launched.returncode == 143, launched.stderr
+    sender = int((tmp_path / "sender.pid").read_text())
+    assert sender not in (0, worker), sender
 
 
 def test_fault_plan_parsing():
