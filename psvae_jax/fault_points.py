@@ -2,9 +2,12 @@
 
 The loop calls `reached(moment, step)` at each moment of each step. Unless the environment
 variable PSVAE_FAULT_PLAN names a plan, '<moment>:<step>:<SIGKILL|SIGTERM>', that call does
-nothing. With a plan, the process sends that signal to itself when it reaches that moment of
-that step (loop step index, 0-based), after writing one line to the file PSVAE_FAULT_MARKER
-names (when set) so that whoever planned it knows the fault was delivered.
+nothing. With a plan, the process sends that signal to the launched process when it reaches that
+moment of that step (loop step index, 0-based), after writing one line to the file
+PSVAE_FAULT_MARKER names (when set) so that whoever planned it knows the fault was delivered.
+The launched process is this one, or, in a multi-process run, the supervising parent of this
+worker (`peer_supervisor`): as a scheduler or a dying host would, the fault strikes what was
+launched; the parent forwards SIGTERM to the worker, and a SIGKILL ends both at once.
 
 Moments: 'data' (the step's batch is about to be taken from the data iterator, whose readers
 are running), 'step' (the step's computation dispatched, still running), 'save' (a checkpoint
@@ -16,6 +19,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+
+from psvae_jax import peer_supervisor
 
 PLAN_ENV = "PSVAE_FAULT_PLAN"
 MARKER_ENV = "PSVAE_FAULT_MARKER"
@@ -49,4 +54,8 @@ def reached(moment: str, step: int, wait=None) -> None:
   if marker:
     with open(marker, "w") as f:
       f.write(f"{moment} {step} {_PLAN[2]} pid={os.getpid()} at={time.time():.3f}\n")
-  os.kill(os.getpid(), getattr(signal, _PLAN[2]))
+  signum = getattr(signal, _PLAN[2])
+  launched = peer_supervisor.launched_pid()
+  os.kill(launched, signum)
+  if signum == signal.SIGKILL and launched != os.getpid():
+    os.kill(os.getpid(), signum)  # now, not when the parent's death reaches this worker

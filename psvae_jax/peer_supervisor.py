@@ -37,19 +37,20 @@ _LOG_FILE_TAG = b"\x00psvae-log-file "
 _PR_SET_PDEATHSIG = 1
 
 _supervised = False
+_launched_pid: int | None = None  # in a worker: the process that was launched (its parent)
 
 
 def supervise(*, workdir: str, peer_timeout_s: int) -> int | None:
   """Forks. In the child (the worker) returns None at once; in the parent waits for the worker
   and returns the exit status for the launched process."""
-  global _supervised
+  global _supervised, _launched_pid
   parent = os.getpid()
   read_fd, write_fd = os.pipe()
   pid = os.fork()
   if pid == 0:
     os.close(read_fd)
     _become_worker(parent, write_fd)
-    _supervised = True
+    _supervised, _launched_pid = True, parent
     return None
   os.close(write_fd)
   for signum in (signal.SIGTERM, signal.SIGINT):
@@ -66,6 +67,12 @@ def supervise(*, workdir: str, peer_timeout_s: int) -> int | None:
                           peer_timeout_s=peer_timeout_s, log_file=log_file),
         file=sys.stderr, flush=True)
   return EXIT_PEER_LOST
+
+
+def launched_pid() -> int:
+  """The process the launcher started and signals: in a worker its supervising parent (which
+  forwards SIGTERM and SIGINT, and whose death kills the worker), otherwise this process."""
+  return _launched_pid if _launched_pid is not None else os.getpid()
 
 
 def announce_log_file(path: str) -> None:

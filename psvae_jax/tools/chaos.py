@@ -4,29 +4,33 @@ the same job run without interruption.
   python -m psvae_jax.tools.chaos --config=configs/svae.py:smoke --workdir=/tmp/chaos \\
       --faults=10 [--processes=2] [--seed=0] [--config.key=value ...]
 
-The soak runs `python -m psvae_jax.main` (with --processes=N, N processes on 127.0.0.1) in
-WORKDIR/soak. From --seed it draws --faults faults (`chaos_plan`): each a signal, SIGKILL or
-SIGTERM, to one process at one moment of one step: 'data' (the step's batch being taken from
-the data iterator), 'step' (the step's computation dispatched and running), 'save' (a
-checkpoint's asynchronous write in flight) or 'between' (between two steps). The process
-reaches that moment through `psvae_jax.fault_points` and signals itself. After each fault the
-soak waits for every process (a survivor gets --peer_timeout seconds once one process has
-ended, each launch --launch_timeout), then relaunches the job, until every fault was
-delivered and the job reached total_steps. It then runs the same job once more, without
+The soak runs `python -m psvae_jax.main` (with --processes=N, N processes on 127.0.0.1 and
+--peer_timeout_s=--peer_timeout) in WORKDIR/soak. From --seed it draws --faults faults
+(`chaos_plan`): each a signal, SIGKILL or SIGTERM, to one process at one moment of one step:
+'data' (the step's batch being taken from the data iterator), 'step' (the step's computation
+dispatched and running), 'save' (a checkpoint's asynchronous write in flight) or 'between'
+(between two steps). The process reaches that moment through `psvae_jax.fault_points` and
+signals the launched process (itself, or with several processes the supervisor main forked it
+from). After each fault the soak waits for every process (once one has ended, the others get
+2 x --peer_timeout + 30 s; each launch --launch_timeout), then relaunches the job, until every
+fault was delivered and the job reached total_steps. It then runs the same job once more, without
 faults, in WORKDIR/uninterrupted, and compares the two final checkpoints bit for bit: every
 array of the train state (params, optimizer state, the rest) and of the EMA, and the stored
 data-iterator position.
 
-Expected of each launch: SIGKILL ends the struck process and the job resumes from its newest
-complete checkpoint; SIGTERM takes the loop's preemption path: every process checkpoints one
-common step after the fault and exits with 143 (a process that trains on more than
---term_grace_steps steps past that is killed, as a preempted host would be, and reported); a
-survivor of a killed peer exits by itself.
+Expected of each launch (`chaos_outcome`): every process starts at the newest complete
+checkpoint. SIGKILL ends the struck process; with several processes each survivor exits 75 with
+main's line `error: lost contact with process N`. SIGTERM takes the preemption path: every
+process checkpoints one step and exits 143; one process saves the step after the fault, several
+save the step they agreed on (named by each, at least the step after the fault, holding every
+process's data position). A process that trains on more than --term_grace_steps steps past the
+step after its SIGTERM is killed, as a preempted host would be, and reported.
 `--config.key=value` flags go to the job; the soak adds --config.log_every=1 (steps lost are
 counted from metrics.jsonl) and --config.checkpoint_every=--checkpoint_every before them. A
 one-process job gets a persistent compilation cache (WORKDIR/xla_cache/<run>) so relaunches
-skip most compiles; with several processes there is none (their cache keys differ, and one
-process loading a step the other compiles would stall the first collective).
+skip most compiles. With several processes there is none: jax writes the cache from process 0
+only and, on CPU, process 1's cache keys differ from process 0's, so process 1 would compile
+every launch while process 0 loads the step and waits for it in the first collective.
 
 The table (one row; also in WORKDIR/chaos_report.json with one line per launch):
   faults            faults delivered; SIGKILL / SIGTERM: how many of each, split over the
@@ -58,6 +62,7 @@ from psvae_jax.tools import chaos_compare, chaos_launch, chaos_outcome, chaos_pl
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNS = ("soak", "uninterrupted")
+SURVIVOR_MARGIN_S = 30.0
 
 
 @dataclasses.dataclass
@@ -68,9 +73,15 @@ class Settings:
   seed: int = 0
   checkpoint_every: int = 4  # 0 = the config's
   launch_timeout: float = 1800.0
-  peer_timeout: float = 120.0
+  peer_timeout: int = 5  # several processes: the job's --peer_timeout_s
   term_grace_steps: int = 4
   compilation_cache: bool = True
+
+  @property
+  def survivor_bound_s(self) -> float:
+    """Seconds the other processes get to end once one has ended: the heartbeat timeout twice
+    (the runtime notices a lost peer within it) and a margin for a loaded machine."""
+    return 2 * self.peer_timeout + SURVIVOR_MARGIN_S
 
 
 def job_overrides(settings: Settings, user_overrides: list[str]) -> list[str]:
@@ -103,7 +114,7 @@ def _make_job(run: str, config: str, overrides: list[str], workdir: str,
   return chaos_launch.Job(config=config, overrides=overrides,
                           workdir=os.path.join(workdir, run), processes=settings.processes,
                           log_dir=os.path.join(workdir, "logs"), compilation_cache_dir=cache,
-                          cwd=REPO_ROOT)
+                          cwd=REPO_ROOT, peer_timeout_s=settings.peer_timeout)
 
 
 def _launch(job, tag, settings, *, fault=None, fault_step=None, total_steps, log_every,
@@ -112,14 +123,15 @@ def _launch(job, tag, settings, *, fault=None, fault_step=None, total_steps, log
   offset = chaos_launch.metrics_size(job.workdir)
   launch = chaos_launch.run(job, tag, fault=fault, fault_step=fault_step,
                             launch_timeout=settings.launch_timeout,
-                            peer_timeout=settings.peer_timeout,
+                            survivor_bound_s=settings.survivor_bound_s,
                             term_grace_steps=settings.term_grace_steps)
+  end = max(chaos_launch.complete_steps(job.workdir), default=0)
   record = chaos_outcome.LaunchRecord(
-      launch=launch, start_step=start,
-      end_step=max(chaos_launch.complete_steps(job.workdir), default=0),
-      logged=chaos_launch.logged_steps(job.workdir, offset))
+      launch=launch, start_step=start, end_step=end,
+      logged=chaos_launch.logged_steps(job.workdir, offset),
+      positions=chaos_launch.data_positions(job.workdir, end))
   record.problems = chaos_outcome.check(record, total_steps=total_steps, log_every=log_every,
-                                        peer_timeout=settings.peer_timeout)
+                                        survivor_bound_s=settings.survivor_bound_s)
   say(chaos_outcome.describe(record))
   for problem in record.problems:
     say(f"problem: {problem}")
@@ -159,6 +171,8 @@ def soak(config: str, user_overrides: list[str], workdir: str, settings: Setting
   them to WORKDIR/chaos_report.json)."""
   if settings.processes < 1:
     raise errors.UserError(f"--processes={settings.processes} must be >= 1")
+  if settings.processes > 1 and settings.peer_timeout < 1:
+    raise errors.UserError(f"--peer_timeout={settings.peer_timeout} must be at least 1 second")
   for run in RUNS:
     path = os.path.join(workdir, run)
     if os.path.isdir(path) and os.listdir(path):
@@ -222,8 +236,10 @@ def define_flags(flag_values=flags.FLAGS) -> None:
                        "The job's config.checkpoint_every (0 = the config's).", **f)
   flags.DEFINE_float("launch_timeout", Settings.launch_timeout,
                      "Seconds a launch may run before it counts as hung and is killed.", **f)
-  flags.DEFINE_float("peer_timeout", Settings.peer_timeout,
-                     "Seconds the other processes get to end once one has ended.", **f)
+  flags.DEFINE_integer("peer_timeout", Settings.peer_timeout,
+                       "Several processes: the job's --peer_timeout_s (seconds without a "
+                       "heartbeat before a process counts as lost). Once one process has ended, "
+                       f"the others get twice that plus {SURVIVOR_MARGIN_S:g} s to end.", **f)
   flags.DEFINE_integer("term_grace_steps", Settings.term_grace_steps,
                        "Steps a job may train on past the step its SIGTERM should stop it at "
                        "before the signalled process is killed (and reported).", **f)

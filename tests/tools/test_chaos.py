@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -127,16 +128,17 @@ def test_plan_runs_one_launch_per_fault_then_one_to_the_end(tmp_path):
 
 
 @pytest.mark.reliability(fault="chaos soak launch: a survivor outlives its killed peer",
-                         expected="killed after --peer_timeout and reported, not waited for")
-def test_launch_kills_a_survivor_after_the_peer_timeout(tmp_path):
+                         expected="killed after the survivor bound (2 x --peer_timeout + 30 s) "
+                                  "and reported, not waited for")
+def test_launch_kills_a_survivor_after_the_survivor_bound(tmp_path):
   fault = chaos_plan.Fault(index=0, moment="step", step=3, signal="SIGKILL", process=1)
   launch = chaos_launch.run(_fake_job(tmp_path, 2), "t", fault=fault, fault_step=3,
-                            launch_timeout=50, peer_timeout=1)
+                            launch_timeout=50, survivor_bound_s=1)
   assert [e.returncode for e in launch.ends] == [None, -9]
   assert launch.delivered_s is not None and not launch.timed_out
   assert launch.ends[0].seconds - launch.ends[1].seconds < 5  # not the minute it sleeps
   record = chaos_outcome.LaunchRecord(launch, start_step=0, end_step=0, logged=[])
-  problems = chaos_outcome.check(record, total_steps=8, log_every=1, peer_timeout=1)
+  problems = chaos_outcome.check(record, total_steps=8, log_every=1, survivor_bound_s=1)
   assert problems == ["t: process 0 still running 1 s after process 1 ended (SIGKILL); killed"]
 
 
@@ -145,7 +147,7 @@ def test_launch_kills_a_survivor_after_the_peer_timeout(tmp_path):
 def test_launch_kills_a_process_that_trains_on_after_sigterm(tmp_path):
   fault = chaos_plan.Fault(index=0, moment="step", step=3, signal="SIGTERM", process=0)
   launch = chaos_launch.run(_fake_job(tmp_path, 1), "t", fault=fault, fault_step=3,
-                            launch_timeout=50, peer_timeout=1, term_grace_steps=2)
+                            launch_timeout=50, survivor_bound_s=1, term_grace_steps=2)
   assert launch.ignored_sigterm_at == 7 and launch.ends[0].returncode == -9
   record = chaos_outcome.LaunchRecord(launch, start_step=0, end_step=0, logged=[1, 2, 3, 4, 5,
                                                                                 6, 7])
@@ -156,7 +158,7 @@ def test_launch_kills_a_process_that_trains_on_after_sigterm(tmp_path):
 @pytest.mark.reliability(fault="chaos soak launch: a launch hangs",
                          expected="killed at --launch_timeout and reported as hung")
 def test_launch_kills_a_hung_launch_at_its_timeout(tmp_path):
-  launch = chaos_launch.run(_fake_job(tmp_path, 1), "t", launch_timeout=1, peer_timeout=1)
+  launch = chaos_launch.run(_fake_job(tmp_path, 1), "t", launch_timeout=1, survivor_bound_s=1)
   assert launch.timed_out and launch.ends[0].returncode is None and launch.wall_s < 20
 
 
@@ -171,15 +173,56 @@ def test_launch_logs_and_steps_on_disk(tmp_path):
     f.write('{"step": 3}\n{"step": 4, "lo')  # the last line cut by a kill
   assert chaos_launch.logged_steps(str(workdir)) == [1, 2, 3]
   assert chaos_launch.logged_steps(str(workdir), offset) == [3]
+  data = workdir / "checkpoints" / "4" / "data"
+  data.mkdir()
+  for name in ("commit_success.txt", "process_1-of-2.json", "process_0-of-2.json"):
+    (data / name).write_text("{}")
+  assert chaos_launch.data_positions(str(workdir), 4) == ["process_0-of-2.json",
+                                                          "process_1-of-2.json"]
+  assert chaos_launch.data_positions(str(workdir), 8) == []
+
+
+def test_launch_reads_each_process_start_step_from_its_log_file(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  first = "I1206 10:00:00.0 root train.py:256] start at step 0 (scratch); 10 trainable\n"
+  (workdir / "log.txt").write_text(first)
+  offset = len(first)
+  with open(workdir / "log.txt", "a") as f:
+    f.write("I1206 10:01:00.0 root train.py:256] start at step 12 (workdir step 12); 10\n")
+  (workdir / "log.process1.txt").write_text(
+      "I1206 10:01:00.0 root train.py:256] start at step 8 (workdir step 8); 10\n")
+  assert chaos_launch.started_step(str(workdir), 0) == 0
+  assert chaos_launch.started_step(str(workdir), 0, offset) == 12
+  assert chaos_launch.started_step(str(workdir), 1) == 8
+  assert chaos_launch.started_step(str(workdir), 2) is None
+
+
+def test_job_passes_the_peer_timeout_to_several_processes_only():
+  job = chaos_launch.Job(config="c.py", overrides=[], workdir="/w", processes=2, log_dir="/l",
+                         peer_timeout_s=5)
+  command = job.command(1, 1234)
+  assert "--peer_timeout_s=5" in command and "--process_id=1" in command
+  assert "--peer_timeout_s=5" not in dataclasses.replace(job, processes=1).command(0, 0)
 
 
 # --- outcome checks and the table ----------------------------------------------------------
 
-def _record(tag, fault, start, end, logged, returncodes, delivered=1.0, timed_out=False):
-  ends = [ProcessEnd(p, rc, 2.0, "/nonexistent") for p, rc in enumerate(returncodes)]
+def _record(tag, fault, start, end, logged, returncodes, delivered=1.0, timed_out=False,
+            logs=None, log_dir=None, started=(), positions=()):
+  """A launch record; `logs`: each process's console text (written under `log_dir`)."""
+  paths = ["/nonexistent"] * len(returncodes)
+  if logs is not None:
+    paths = [os.path.join(log_dir, f"{tag}.process{p}.log") for p in range(len(logs))]
+    for path, text in zip(paths, logs):
+      with open(path, "w") as f:
+        f.write(text)
+  ends = [ProcessEnd(p, rc, 2.0, paths[p]) for p, rc in enumerate(returncodes)]
   launch = Launch(tag=tag, fault=fault, fault_step=fault.step if fault else None, ends=ends,
-                  wall_s=10.0, delivered_s=delivered if fault else None, timed_out=timed_out)
-  return chaos_outcome.LaunchRecord(launch, start_step=start, end_step=end, logged=logged)
+                  wall_s=10.0, delivered_s=delivered if fault else None, timed_out=timed_out,
+                  started=list(started))
+  return chaos_outcome.LaunchRecord(launch, start_step=start, end_step=end, logged=logged,
+                                    positions=list(positions))
 
 
 def _fault(moment, step, signal_name, process=0):
@@ -188,20 +231,43 @@ def _fault(moment, step, signal_name, process=0):
 
 
 def _check(record, total_steps=12):
-  return chaos_outcome.check(record, total_steps=total_steps, log_every=1, peer_timeout=30)
+  return chaos_outcome.check(record, total_steps=total_steps, log_every=1, survivor_bound_s=30)
 
 
-def test_outcome_accepts_what_each_fault_should_do():
+def _lost(process):
+  return (f"error: lost contact with process {process} (no heartbeat for --peer_timeout_s=5 s); "
+          "this process stopped. Restart all processes to resume\n")
+
+
+def _agreed(step):
+  return (f"warning: stop requested (SIGTERM to process 1): all 2 processes save at step {step} "
+          "and exit\n")
+
+
+TWO_POSITIONS = ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_outcome_accepts_what_each_fault_should_do(tmp_path):
   kill = _record("a", _fault("step", 5, "SIGKILL"), 0, 4, [1, 2, 3, 4, 5], [-9])
-  term = _record("b", _fault("save", 7, "SIGTERM"), 4, 8, [5, 6, 7, 8], [143])
-  final = _record("c", None, 8, 12, [9, 10, 11, 12], [0])
-  peer = _record("d", _fault("data", 5, "SIGKILL", 1), 0, 4, [1, 2, 3, 4], [1, -9])
-  assert [_check(r) for r in (kill, term, final, peer)] == [[], [], [], []]
+  term = _record("b", _fault("save", 7, "SIGTERM"), 4, 8, [5, 6, 7, 8], [143], started=[4])
+  final = _record("c", None, 8, 12, [9, 10, 11, 12], [0], started=[8])
+  peer = _record("d", _fault("data", 5, "SIGKILL", 1), 0, 4, [1, 2, 3, 4], [75, -9],
+                 logs=["step 4/12\n" + _lost(1), ""], log_dir=tmp_path, started=[0, 0])
+  coordinator = _record("e", _fault("step", 5, "SIGKILL", 0), 0, 4, [1, 2, 3, 4], [-9, 75],
+                        logs=["", "error: lost contact with process 0, the coordinator ("
+                              "connection closed; --peer_timeout_s=5 s); this process\n"],
+                        log_dir=tmp_path)
+  # The agreed step may lie past the step after the fault (a process was a step ahead).
+  both_stop = _record("f", _fault("between", 5, "SIGTERM", 1), 4, 7, [5, 6, 7], [143, 143],
+                      logs=[_agreed(7), _agreed(7)], log_dir=tmp_path,
+                      positions=["commit_success.txt", *TWO_POSITIONS])
+  assert [_check(r) for r in (kill, term, final, peer, coordinator, both_stop)] == [[]] * 6
 
 
-def test_outcome_after_an_ignored_sigterm_treats_the_others_as_survivors():
+def test_outcome_after_an_ignored_sigterm_treats_the_others_as_survivors(tmp_path):
   fault = _fault("step", 5, "SIGTERM", 1)
-  survivor_exits = _record("a", fault, 4, 4, [5, 6, 7, 8, 9, 10], [1, -9])
+  survivor_exits = _record("a", fault, 4, 4, [5, 6, 7, 8, 9, 10], [75, -9],
+                           logs=[_lost(1), ""], log_dir=tmp_path)
   survivor_exits.launch.ignored_sigterm_at = 10
   assert _check(survivor_exits) == [
       "a: process 1 went on training after SIGTERM at step 5 (step 10 logged); killed"]
@@ -226,6 +292,53 @@ def test_outcome_reports_hangs_wrong_exits_and_wrong_resumes():
   assert "resumed at step 4, not at the newest complete checkpoint 8" in _check(wrong_resume)[0]
   hung = _record("f", None, 8, 8, [9], [None], timed_out=True)
   assert "still running at the launch timeout" in _check(hung)[0]
+  not_killed = _record("g", _fault("step", 5, "SIGKILL"), 4, 4, [5], [137])
+  assert _check(not_killed) == ["g: process 0 ended with exit 137 after SIGKILL to process 0, "
+                                "expected signal 9 ()"]
+
+
+@pytest.mark.reliability(fault="chaos soak, two processes: a survivor of a SIGKILLed peer "
+                               "fails otherwise, or one process resumes elsewhere",
+                         expected="reported as a problem (the soak exits 1)")
+def test_outcome_reports_a_survivor_that_does_not_name_its_lost_peer(tmp_path):
+  fault = _fault("step", 5, "SIGKILL", 1)
+  crashed = _record("a", fault, 0, 4, [1, 2, 3, 4], [1, -9], logs=["Traceback\n", ""],
+                    log_dir=tmp_path)
+  assert _check(crashed) == ["a: process 0 ended with exit 1 after process 1 ended (SIGKILL), "
+                             "expected exit 75 (Traceback)"]
+  silent = _record("b", fault, 0, 4, [1, 2, 3, 4], [75, -9], logs=[_lost(0), ""],
+                   log_dir=tmp_path)
+  assert _check(silent) == ["b: process 0 exited 75 without the line 'error: lost contact "
+                            "with process 1' (" + _lost(0).strip() + ")"]
+  elsewhere = _record("c", None, 8, 12, [9, 10, 11, 12], [0, 0], started=[8, 4])
+  assert _check(elsewhere) == ["c: process 1 started at step 4, not at the newest complete "
+                               "checkpoint 8"]
+
+
+@pytest.mark.reliability(fault="chaos soak, two processes: SIGTERM to one, the processes stop "
+                               "at different steps, too early, or without one joint checkpoint",
+                         expected="reported as a problem (the soak exits 1)")
+def test_outcome_reports_a_torn_or_missing_preemption_checkpoint(tmp_path):
+  fault = _fault("step", 5, "SIGTERM", 1)
+  kwargs = dict(log_dir=tmp_path, positions=TWO_POSITIONS)
+  torn = _record("a", fault, 4, 7, [5, 6, 7], [143, 143], logs=[_agreed(7), _agreed(8)],
+                 **kwargs)
+  assert _check(torn) == ["a: after SIGTERM at step 5 the processes did not name one agreed "
+                          "stop step (process 0: step 7, process 1: step 8)"]
+  silent = _record("b", fault, 4, 7, [5, 6, 7], [143, 143], logs=[_agreed(7), ""], **kwargs)
+  assert "(process 0: step 7, process 1: none)" in _check(silent)[0]
+  early = _record("c", fault, 4, 5, [5], [143, 143], logs=[_agreed(5)] * 2, **kwargs)
+  assert _check(early) == ["c: the agreed stop step 5 is before the step after the fault (6)"]
+  unsaved = _record("d", fault, 4, 4, [5, 6, 7], [143, 143], logs=[_agreed(7)] * 2, **kwargs)
+  assert _check(unsaved) == ["d: after SIGTERM at step 5 the newest checkpoint is 4, not the "
+                             "agreed stop step 7"]
+  half = _record("e", fault, 4, 7, [5, 6, 7], [143, 143], logs=[_agreed(7)] * 2,
+                 log_dir=tmp_path, positions=TWO_POSITIONS[:1])
+  assert _check(half) == ["e: checkpoint 7 lacks the data position of process(es) [1] (it "
+                          "holds ['process_0-of-2.json'])"]
+  one_left = _record("f", fault, 4, 7, [5, 6, 7], [143, 75], logs=[_agreed(7)] * 2, **kwargs)
+  assert _check(one_left) == ["f: process 1 ended with exit 75 after SIGTERM to process 1, "
+                              "expected exit 143 (" + _agreed(7).strip() + ")"]
 
 
 def test_table_counts_faults_restarts_recomputed_steps_and_overhead():
@@ -334,6 +447,45 @@ def test_sigterm_at_each_moment_checkpoints_that_step(tmp_path, monkeypatch, mom
   assert max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == 4
 
 
+# A multi-process run's launched process (peer_supervisor) whose worker reaches the 'step'
+# moment of step 3; the worker writes its pid and, for SIGTERM, the pid that signalled it.
+_SUPERVISED = """
+import os, signal, sys
+from psvae_jax import peer_supervisor
+workdir = sys.argv[1]
+status = peer_supervisor.supervise(workdir=workdir, peer_timeout_s=7)
+if status is not None:
+  sys.exit(status)
+open(os.path.join(workdir, "worker.pid"), "w").write(str(os.getpid()))
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+from psvae_jax import fault_points
+fault_points.reached("step", 3)
+info = signal.sigtimedwait([signal.SIGTERM], 60)
+open(os.path.join(workdir, "sender.pid"), "w").write(str(info.si_pid if info else 0))
+sys.exit(143)
+"""
+
+
+@pytest.mark.reliability(fault="a planned {name} in a supervised worker (multi-process run)",
+                         expected="strikes the launched process, as a scheduler or dying host "
+                                  "would")
+@pytest.mark.parametrize("name", fault_points.SIGNALS)
+def test_a_supervised_worker_strikes_the_launched_process(tmp_path, name):
+  env = {**os.environ, fault_points.PLAN_ENV: f"step:3:{name}",
+         fault_points.MARKER_ENV: str(tmp_path / "delivered"), "JAX_PLATFORMS": "cpu"}
+  launched = subprocess.run([sys.executable, "-c", _SUPERVISED, str(tmp_path)], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+  worker = int((tmp_path / "worker.pid").read_text())
+  assert (tmp_path / "delivered").read_text().startswith(f"step 3 {name} pid={worker}")
+  if name == "SIGKILL":  # the launched process itself, not only its worker (that would be 137)
+    assert launched.returncode == -signal.SIGKILL, launched.stderr
+    assert not (tmp_path / "sender.pid").exists()
+  else:  # forwarded by the launched process, which passes the worker's exit on
+    assert launched.returncode == 143, launched.stderr
+    sender = int((tmp_path / "sender.pid").read_text())
+    assert sender not in (0, worker), sender
+
+
 def test_fault_plan_parsing():
   assert fault_points.parse_plan("") is None
   assert fault_points.parse_plan("save:12:SIGKILL") == ("save", 12, "SIGKILL")
@@ -410,10 +562,17 @@ def test_soak_one_process_ten_faults(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.reliability(fault="chaos soak: 10 random SIGKILL/SIGTERM faults to one of two "
-                               "processes", expected="survivors exit, every relaunch resumes; "
-                                                     "final state bit-identical")
+                               "processes",
+                         expected="SIGKILL: the survivor exits 75 naming the lost process; "
+                                  "SIGTERM: both save one agreed step, exit 143; every relaunch "
+                                  "resumes; final state bit-identical")
 def test_soak_two_processes_ten_faults(tmp_path):
   result, report = _soak(tmp_path, "--faults=10", "--seed=0", "--processes=2",
-                         "--peer_timeout=60", "--launch_timeout=900", timeout=6000)
+                         "--launch_timeout=900", timeout=6000)
+  # Seed 0 strikes each process with each signal.
+  assert {(f["signal"], f["process"]) for f in report["plan"]} == {
+      (s, p) for s in fault_points.SIGNALS for p in (0, 1)}
   assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-  assert report["faults"] == 10 and report["identical"] and report["problems"] == []
+  assert report["faults"] == 10 and report["restarts"] >= 10 and report["identical"]
+  assert report["problems"] == []
+  assert "| yes |" in result.stdout.splitlines()[2]
