@@ -33,7 +33,10 @@ fails is reported and makes the command exit non-zero; the others still run.
   psvae_step  the PS-VAE stage-2 training step of configs/psvae.py, bf16, the paper's batch 96
               on one device, synthetic 256 px images;
   sampling    50 Euler steps with CFG 6.5 of the same T2I generator plus the pixel decoder,
-              bf16, 64 captions.
+              bf16, 64 captions;
+  attention_numerics  'xla' and 'cudnn' attention on the generator's T2I and edit shapes with
+              its padded-text mask, bf16 and float32, against a float32 HIGHEST reference
+              (output and gradient errors, forward + backward time; a second table).
 The table gives step time, images/s, achieved TFLOP/s (the tasks' analytic FLOP counts), MFU
 against the device's dense bf16 datasheet peak (psvae_jax.perf, by jax device_kind; an
 accelerator not in that table is an error unless --peak_tflops is given) and the peak device
@@ -85,6 +88,8 @@ GPU_PAPER_BENCHMARKS = {
                  [*_PAPER_T2I, "--set=data.source=synthetic:shapes", "--batch=64",
                   "--steps=50", "--cfg_scale=6.5", "--warmup=1", "--repeats=3"],
                  ["--repeats=1", "--steps=10"]),
+    "attention_numerics": ("benchmarks.attention_numerics", ["--batch=8"],
+                           ["--warmup=1", "--repeats=3"]),
 }
 
 
@@ -398,6 +403,9 @@ def main(argv=None) -> int:
                f"matmul)")
     rows = table_rows(results, peak)
   print(format_rows(rows))
+  if results.get("attention_numerics"):
+    from benchmarks import attention_numerics
+    print(format_rows(attention_numerics.rows(results["attention_numerics"]["records"])))
   print(f"{machine}, load average {os.getloadavg()[0]:.1f}")
   t2i = results.get("t2i_step")
   if args.suite == "gpu_paper" and t2i and t2i["mfu"] is not None:

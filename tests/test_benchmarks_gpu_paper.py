@@ -6,11 +6,13 @@ import os
 import numpy as np
 import pytest
 
+from benchmarks import attention_numerics
 from benchmarks import run as bench_run
 from benchmarks import sampling as bench_sampling
 from benchmarks import train_step as bench_train_step
 
-_MODULES = {"benchmarks.train_step": bench_train_step, "benchmarks.sampling": bench_sampling}
+_MODULES = {"benchmarks.train_step": bench_train_step, "benchmarks.sampling": bench_sampling,
+            "benchmarks.attention_numerics": attention_numerics}
 
 
 def _benchmark_args(name, **extra):
@@ -24,7 +26,7 @@ def _benchmark_args(name, **extra):
 
 def test_command_line_and_suite_contents():
   args = bench_run.parse_args(["--suite=gpu_paper"])
-  assert args.names == ["t2i_step", "psvae_step", "sampling"]
+  assert args.names == ["t2i_step", "psvae_step", "sampling", "attention_numerics"]
   assert args.out == os.path.join("benchmarks", "out_gpu")
   assert bench_run.parse_args([]).out == os.path.join("benchmarks", "out")  # cpu suite unchanged
   for argv in (["--suite=gpu_paper", "--only=mmdit_step"], ["--suite=tpu"],
@@ -116,3 +118,21 @@ def test_cpu_table_uses_one_peak_for_every_mfu():
   assert rows[0][4] == "ceiling"
   assert rows[1][4] == "8.00x" and rows[2][4] == "2.67x"
   assert all(len(row) == len(rows[0]) for row in rows)
+
+
+def test_attention_numerics_measures_both_implementations_in_both_dtypes(monkeypatch):
+  _, args = _benchmark_args("attention_numerics")
+  assert args.batch == 8 and args.out == os.path.join("OUT", "attention_numerics.json")
+  # A shrunk run on this host ('cudnn' is jax's XLA version off a GPU, and says so).
+  monkeypatch.setattr(attention_numerics, "SHAPES", {"t2i": 24})
+  monkeypatch.setattr(attention_numerics, "TEXT", 8)
+  monkeypatch.setattr(attention_numerics, "HEADS", 2)
+  records = attention_numerics.measure(batch=2, warmup=0, repeats=1)
+  assert [(r["dtype"], r["impl"], r["kernel"]) for r in records] == [
+      ("bfloat16", "xla", "xla"), ("bfloat16", "cudnn", "xla"),
+      ("float32", "xla", "xla"), ("float32", "cudnn", "xla")]
+  for r in records:
+    bound = 2e-2 if r["dtype"] == "bfloat16" else 1e-5
+    assert 0 <= r["output_error"] < bound and 0 <= r["grad_error"] < bound, r
+  assert any(r["output_error"] > 1e-4 for r in records if r["dtype"] == "bfloat16")
+  assert len(attention_numerics.rows(records)) == 5
