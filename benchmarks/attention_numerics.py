@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import format_rows, median_seconds, write_json
+from benchmarks.timing import add_timing_args, format_rows, median_seconds, write_json
 from psvae_jax.models import attention, mmdit
 
 HEADS, HEAD_DIM, TEXT, IMAGE = 16, 64, 128, 256
@@ -89,9 +89,7 @@ def rows(records: list[dict]) -> list[tuple[str, ...]]:
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--out", default="", help="write the records as JSON here")
+  add_timing_args(parser, warmup=2, repeats=10)
   return parser.parse_args(argv)
 
 

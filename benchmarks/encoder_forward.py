@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from benchmarks.timing import format_rows, median_seconds, write_json
+from benchmarks.timing import add_timing_args, format_rows, median_seconds, write_json
 
 DEFAULT_OUT = os.path.join("benchmarks", "out", "encoder_forward.json")
 
@@ -105,9 +105,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--image_size", type=int, default=224)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--out", default=DEFAULT_OUT)
+  add_timing_args(parser, warmup=2, repeats=10, out=DEFAULT_OUT)
   args = parser.parse_args(argv)
   result = run(args.batch, args.image_size, args.warmup, args.repeats, args.out)
   print(format_table(result))

@@ -18,8 +18,8 @@ import argparse
 import os
 import time
 
-from benchmarks.timing import (format_bytes, format_rows, median_seconds, peak_memory_bytes,
-                               write_json)
+from benchmarks.timing import (add_timing_args, format_bytes, format_rows, median_seconds,
+                               peak_memory_bytes, write_json)
 from benchmarks.train_step import apply_overrides
 
 
@@ -99,11 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--cfg_scale", type=float, default=6.5)
-  parser.add_argument("--warmup", type=int, default=1)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override (repeatable)")
-  parser.add_argument("--out", default="")
+  add_timing_args(parser, warmup=1, repeats=3, overrides=True)
   return parser.parse_args(argv)
 
 

@@ -15,6 +15,17 @@ def cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
+def add_timing_args(parser, *, warmup: int, repeats: int, overrides: bool = False,
+                    out: str = "") -> None:
+  """The flags every timed benchmark takes: --warmup, --repeats, (--set,) --out."""
+  parser.add_argument("--warmup", type=int, default=warmup)
+  parser.add_argument("--repeats", type=int, default=repeats)
+  if overrides:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override (repeatable)")
+  parser.add_argument("--out", default=out, help="write the result as JSON here")
+
+
 def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float]:
   """Median wall seconds per call of `fn` and median process CPU seconds per call.
 

@@ -25,8 +25,8 @@ import time
 
 import numpy as np
 
-from benchmarks.timing import (format_bytes, format_rows, median_seconds, peak_memory_bytes,
-                               write_json)
+from benchmarks.timing import (add_timing_args, format_bytes, format_rows, median_seconds,
+                               peak_memory_bytes, write_json)
 
 
 def apply_overrides(config, overrides) -> None:
@@ -153,13 +153,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--config", default="configs/psvae.py:smoke")
   parser.add_argument("--batch", type=int, default=0, help="0 = the config's batch_size")
   parser.add_argument("--devices", type=int, default=1)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override (repeatable)")
   parser.add_argument("--synthetic_cached", action="store_true",
                       help="random cached T2I inputs instead of the config's data")
-  parser.add_argument("--out", default="")
+  add_timing_args(parser, warmup=2, repeats=5, overrides=True)
   return parser.parse_args(argv)
 
 
