@@ -37,7 +37,8 @@ Samples for your own prompts (one PNG; --prompts=FILE --out=DIR for one PNG per 
 
 Presets: '' (paper base, ~650M), 'large' (~1.7B), 'smoke' (CPU), 'toy' (CPU, scored);
 'tpu_v5p', 'tpu_v6e', 'large_tpu_v5p', 'large_tpu_v6e': the paper base / large on a TPU slice
-(bf16 compute, batch 768; data parallel on v5p, FSDP on v6e; psvae_jax/tpu_presets.py).
+(bf16 compute, batch 768, splash attention; data parallel on v5p, FSDP on v6e;
+psvae_jax/tpu_presets.py).
 """
 import ml_collections
 

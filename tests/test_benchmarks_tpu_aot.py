@@ -70,5 +70,6 @@ def test_presets_set_bf16_and_keep_the_base_preset():
   assert (c.mesh.data, c.mesh.fsdp) == (1, -1)  # 32 GiB chips: the state is spread
   c = _config("configs/t2i.py", "tpu_v5p")
   assert (c.mesh.data, c.mesh.fsdp, c.model.remat_policy) == (-1, 1, "")  # copied, as measured
+  assert c.attention_impl == "splash"
   c = _config("configs/psvae.py", "tpu_v5p")
   assert (c.compute_dtype, c.batch_size, c.model.remat) == ("bfloat16", 96, False)
