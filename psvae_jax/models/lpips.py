@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from psvae_jax.models import paired_batch
 from psvae_jax.sharding import IMAGE_AXES, constrain
 
 Dtype = Any
@@ -95,11 +96,13 @@ class LPIPS(nnx.Module):
       raise ValueError(f"LPIPS expects two NHWC RGB batches of the same shape, got {x.shape} "
                        f"and {y.shape}")
     batch = x.shape[0]
-    both = (jnp.concatenate([x, y], axis=0).astype(jnp.float32) - SHIFT) / SCALE
+    # One VGG pass over both batches, each x next to its y (see paired_batch).
+    both = (paired_batch.join(x, y).astype(jnp.float32) - SHIFT) / SCALE
     taps = self.net(constrain(both.astype(self.dtype), IMAGE_AXES))
     total = jnp.zeros((batch,), jnp.float32)
     for tap, head in zip(taps, self.heads()):
       f = _unit_normalise(tap.astype(jnp.float32))
-      diff = (f[:batch] - f[batch:]) ** 2
+      f_x, f_y = paired_batch.split(f)
+      diff = (f_x - f_y) ** 2
       total = total + jnp.mean(head(diff)[..., 0], axis=(1, 2))
     return total
