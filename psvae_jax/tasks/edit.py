@@ -48,7 +48,7 @@ from flax import nnx
 from psvae_jax import flow
 from psvae_jax.config_base import ConfigError
 from psvae_jax.data.errors import DataError
-from psvae_jax.models import mmdit, paired_batch
+from psvae_jax.models import mmdit
 from psvae_jax.models.flops import mmdit_train_flops, text_encoder_forward_flops
 from psvae_jax.tasks import autoencoder_parts
 from psvae_jax.tasks import t2i
@@ -201,10 +201,10 @@ class EditTask(t2i.T2ITask):
     return t2i.image_latents(model, batch["source_image"], self.config.model.autoencoder)
 
   def _target_and_source(self, model, batch) -> tuple[jax.Array, jax.Array]:
-    # One encoder pass over targets and sources together, each next to its source.
-    both = paired_batch.join(batch["image"], batch["source_image"])
-    latents = t2i.image_latents(model, both, self.config.model.autoencoder)
-    return paired_batch.split(latents)
+    # An encoder pass each: one over their concatenation would, with the batch split over
+    # devices, put targets and sources on different devices and move the latents to split them.
+    return tuple(t2i.image_latents(model, batch[key], self.config.model.autoencoder)
+                 for key in ("image", "source_image"))
 
   # --- training --------------------------------------------------------------------------
   def loss(self, model, batch, rng, step):

@@ -1,5 +1,7 @@
 """LPIPS-VGG16 vs a PyTorch reference built here (torchvision's VGG16 layer list in plain torch.nn,
 the `lpips` package's heads and forward), random weights, 64 px."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,24 @@ def test_converter_is_strict(reference):
   heads_np["extra"] = np.zeros(1, np.float32)
   with pytest.raises(WeightLoadError, match="unexpected.*extra"):
     lpips_from_state_dicts(vgg_np, heads_np)
+
+
+def test_sharded_batch_moves_no_activations_between_devices():
+  """With x and y split over the devices as the training step splits its batch, LPIPS and its
+  gradient w.r.t. x need no collective (a pass over concat([x, y]) needed collective-permutes
+  of every VGG feature map)."""
+  from flax import nnx
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from psvae_jax.models.lpips import LPIPS
+  devices = np.array(jax.devices())
+  mesh = jax.sharding.Mesh(devices, ("data",), axis_types=(AxisType.Auto,))
+  by_batch = NamedSharding(mesh, P("data"))
+  model = LPIPS(rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  loss = lambda x, y: jnp.sum(nnx.merge(graphdef, state)(x, y))
+  images = jax.ShapeDtypeStruct((len(devices), 32, 32, 3), jnp.float32, sharding=by_batch)
+  text = jax.jit(jax.value_and_grad(loss)).lower(images, images).compile().as_text()
+  assert not [op for op in ("collective-permute", "all-to-all", "all-gather") if op in text]
+  # Only the loss's sum over the batch is reduced across devices.
+  reduced = re.findall(r"= (\S+) all-reduce(?:-start)?\(", text)
+  assert reduced and set(reduced) <= {"f32[]"}, reduced
