@@ -141,13 +141,14 @@ def autoencoder_train_flops(config, stage: str) -> float:
 
   Backward = 2x forward for trained networks; for networks whose weights are not trained but
   whose input gradient is needed (LPIPS, the generator's view of the discriminator) it is 1x
-  forward. Terms, as `autoencoder.autoencoder_loss` runs them:
+  forward, of the one input that needs it. Terms, as `autoencoder.autoencoder_loss` runs them:
     encoder: forward (S-VAE, frozen) or forward + backward, plus the teacher's forward (PS-VAE)
     semantic VAE and pixel decoder: forward + backward
-    LPIPS on (x, x_rec): forward + gradient to x_rec
-    with the discriminator: the adaptive weight's two last-layer gradients (conv_out, LPIPS and
-    the discriminator again), the generator term through the discriminator, and the
-    discriminator's own forward + backward on real and reconstructed images.
+    LPIPS on (x, x_rec): forward on both + gradient to x_rec
+    with the discriminator: the adaptive weight's two last-layer gradients (conv_out's, from
+    LPIPS's and the discriminator's input gradients again; their forwards are not repeated),
+    the generator term through the discriminator, and the discriminator's own forward +
+    backward on real and reconstructed images.
   """
   if stage not in ("svae", "psvae"):
     raise ValueError(f"stage must be 'svae' or 'psvae', got {stage!r}")
@@ -165,11 +166,12 @@ def autoencoder_train_flops(config, stage: str) -> float:
   flops += 3 * (body + out)
   size = grid * 2 ** (len(m.pixel_decoder.ch_mult) - 1)
   lpips = flops_lib.lpips_forward_flops(size, size) if lc.perceptual_weight > 0 else 0
-  flops += 2 * lpips
+  lpips_grad = lpips / 2  # lpips counts the image pair; the gradient goes to x_rec alone
+  flops += lpips + lpips_grad
   d = m.discriminator
   if d.enabled:
     disc = flops_lib.patchgan_forward_flops(size, size, ndf=d.ndf, n_layers=d.n_layers)
-    flops += 2 * (2 * out) + 2 * lpips + 2 * disc  # adaptive weight
+    flops += 2 * (2 * out) + lpips_grad + disc  # adaptive weight
     flops += 2 * disc  # generator term
     flops += 2 * 3 * disc  # discriminator on real and reconstructed images
   return float(flops)

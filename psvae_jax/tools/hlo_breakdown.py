@@ -281,7 +281,8 @@ def breakdown(hlo_text: str, *, peak_flops: float = 0.0,
 
   'bytes' estimates HBM traffic: for every instruction outside fused computations (a fusion
   reads its operands and writes its result once; what happens inside stays on chip), its
-  operands' and result's bytes, attributed like the FLOPs. An instruction that reads only part
+  operands' and result's bytes, attributed like the FLOPs (an asynchronous -start/-done pair,
+  such as the copies that prefetch into on-chip memory, once: its operands read and written). An instruction that reads only part
   of an operand (a slice) is counted with the whole operand, so this reads a little high.
   With `peak_flops` and `hbm_bytes_per_s`, 'roofline_s' adds each such instruction's time at
   the roofline, max(FLOPs / peak, bytes / bandwidth), per source (collectives and the insides
@@ -324,10 +325,13 @@ def breakdown(hlo_text: str, *, peak_flops: float = 0.0,
           in_loops += value * times
       elif op.removesuffix("-start") in COLLECTIVES:
         comms[op.removesuffix("-start")] += _nbytes(shape_text) * times
-      if comp in module.fused or op in _NO_TRAFFIC:
+      if comp in module.fused or op in _NO_TRAFFIC or op.endswith("-done"):
         continue
-      moved = _nbytes(shape_text) + sum(_nbytes(module.shapes.get(n, ""))
-                                        for n in module.operand_names(line, op))
+      read = sum(_nbytes(module.shapes.get(n, "")) for n in module.operand_names(line, op))
+      # An asynchronous op is a -start/-done pair whose shapes repeat its operands (the start's
+      # result is a tuple of source, destination and sync flags): the start reads its operands
+      # and writes as much; the done moves nothing more.
+      moved = 2 * read if op.endswith("-start") else _nbytes(shape_text) + read
       traffic[source] += moved * times
       if peak_flops and hbm_bytes_per_s and op.removesuffix("-start") not in COLLECTIVES:
         work = (sum(flops_of(c) for c, kind in module._called(line) if kind == "calls")

@@ -78,9 +78,10 @@ def test_lpips_forward_and_image_gradient():
   x = spec(2, 32, 32, 3)
   forward = flops_lib.lpips_forward_flops(32, 32)
   assert_close_below(2 * forward, xla_flops(lpips, params, x, x))
-  # Frozen weights (the training step's case): the gradient to the images costs one forward.
+  # Frozen weights (the training step's case): the gradient to the reconstructions costs one
+  # forward of them (half the pair's).
   grad = jax.grad(lambda p, x, y: jnp.sum(lpips(p, x, y)), argnums=2)
-  assert_close_below(2 * 2 * forward, xla_flops(grad, params, x, x))
+  assert_close_below(2 * (forward + forward / 2), xla_flops(grad, params, x, x))
 
 
 def test_patchgan_forward_and_training_gradient():
@@ -119,7 +120,13 @@ def test_autoencoder_step_flops_per_example(stage, perceptual, disc):
   size = config.data.image_size
   measured = _lowered_step_flops(
       config, {"image": spec(config.batch_size, size, size, 3, dtype=jnp.uint8)})
-  assert_close_below(task.flops_per_example() * config.batch_size, measured)
+  analytic = task.flops_per_example()
+  if perceptual and disc:
+    # XLA:CPU runs LPIPS's forward again for the adaptive weight's inner gradient; the TPU
+    # compiler shares it (the PS-VAE step on v5p: LPIPS = 4.0 single-image VGG forwards a pair,
+    # as counted), and the analytic count leaves the repeat out.
+    analytic += flops_lib.lpips_forward_flops(size, size)
+  assert_close_below(analytic * config.batch_size, measured)
 
 
 @pytest.mark.slow

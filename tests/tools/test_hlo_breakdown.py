@@ -110,3 +110,20 @@ def test_trip_count_follows_the_counter_start_and_step():
   result = hlo_breakdown.breakdown(_STEPPED_LOOP)
   assert result["loops"]["count"] == 1
   assert sum(result["flops"].values()) == 4 * 2 * 8 * 8 * 8  # i = 1, 3, 5, 7
+
+
+_ASYNC_COPY = """HloModule m
+
+ENTRY %main (a: f32[256,256]) -> f32[256,256] {
+  %a = f32[256,256] parameter(0)
+  %start = (f32[256,256], f32[256,256], u32[]) copy-start(%a)
+  %done = f32[256,256] copy-done(%start)
+  ROOT %neg = f32[256,256] negate(%done)
+}
+"""
+
+
+def test_an_async_copy_counts_once():
+  # The copy reads and writes the array once (2 x 256 KiB); the negate reads and writes it too.
+  array = 4 * 256 * 256
+  assert hlo_breakdown.breakdown(_ASYNC_COPY)["bytes"] == {"(other)": 2 * array + 2 * array}
