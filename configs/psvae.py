@@ -14,8 +14,9 @@ Expected (ImageNet val 256, paper Table): rFID 0.203, PSNR 28.79, LPIPS 0.085, S
 Presets: '' (paper, DINOv2-B/14-reg), 'siglip2' (SigLIP2-so400m/14, pixel weight 0.05),
 'smoke' (tiny random encoder, synthetic shapes, 64 px, CPU), 'toy' (second stage of the toy
 text-to-image chain: single-object scenes, 16x16x8 latent, L1 only; see configs/pipeline.py:toy),
-'tpu_v5p' / 'tpu_v6e' (the paper run on a TPU slice: bf16 compute; psvae_jax/tpu_presets.py),
-e.g. on a v5p-128 (64 chips): --config=configs/psvae.py:tpu_v5p --config.mesh.tensor=4.
+'tpu_v5p' / 'tpu_v6e' (the paper run on a TPU slice: bf16 compute, splash attention;
+psvae_jax/tpu_presets.py), e.g. on a v5p-128 (64 chips): --config=configs/psvae.py:tpu_v5p
+--config.mesh.tensor=4.
 """
 import ml_collections
 

@@ -72,4 +72,5 @@ def test_presets_set_bf16_and_keep_the_base_preset():
   assert (c.mesh.data, c.mesh.fsdp, c.model.remat_policy) == (-1, 1, "")  # copied, as measured
   assert c.attention_impl == "splash"
   c = _config("configs/psvae.py", "tpu_v5p")
-  assert (c.compute_dtype, c.batch_size, c.model.remat) == ("bfloat16", 96, False)
+  assert (c.compute_dtype, c.batch_size, c.model.remat, c.attention_impl) == (
+      "bfloat16", 96, False, "splash")

@@ -95,6 +95,13 @@ def test_example_with_no_valid_key_matches_xla():
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5)
 
 
+def test_unmasked_vit_length_padded_to_the_block():
+  # The encoders' case (PS-VAE's TPU presets): no mask, DINOv2-with-registers' 1 + 4 + 256
+  # tokens, padded to 384 inside the kernel; the padded keys must not be attended.
+  q, k, v = _qkv(261, heads=2, kv_heads=2, dim=16, batch=1)
+  _assert_same(q, k, v, None)
+
+
 def test_under_a_mesh_in_shard_map():
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
   q, k, v = _qkv(12 + 16, batch=4)
