@@ -2,12 +2,14 @@
 (`configs/psvae.py:tpu_v5p`, `configs/t2i.py:tpu_v6e`, `configs/t2i.py:large_tpu_v5p`, ...).
 
 Every TPU preset computes in bfloat16 with float32 master weights and optimizer state (the
-MXU's native input type; float32 matmuls take several passes). Per stage and chip:
-  psvae  no remat (the paper batch fits with room to spare on v5p and v6e); the encoders'
-         attention runs the splash kernel (v5p:2x2x2, estimated: 0.078 s a step against
-         0.082 s with 'xla', which writes out every 261 x 261 logit matrix). On 64 chips
-         batch 96 does not divide by the chip count: add --config.mesh.tensor=4 (16-way data
-         x 4-way tensor; the conv networks then split image rows over `tensor`).
+MXU's native input type; float32 matmuls take several passes), and runs attention with the
+splash kernel (at the T2I base shapes the cost model gives it 1.0 ms a layer against 2.75 ms
+for 'xla': benchmarks/tpu_attention_cost.py). Per stage and chip:
+  psvae  no remat (the paper batch fits with room to spare on v5p and v6e); splash for the
+         encoders' attention: 0.078 s a step on v5p:2x2x2 against 0.082 s with 'xla' (which
+         writes out every 261 x 261 logit matrix). On 64 chips batch 96 does not divide by
+         the chip count: add --config.mesh.tensor=4 (16-way data x 4-way tensor; the conv
+         networks then split image rows over `tensor`).
   t2i    global batch 768 (the paper's 730 rounded up to divide 8..256-way data parallelism).
          v5p (95 GiB HBM): plain data parallelism, the generator's float32 state copied on
          every chip (31 GiB a chip for the base model on 16 chips), no remat. FSDP there made
@@ -17,8 +19,6 @@ MXU's native input type; float32 matmuls take several passes). Per stage and chi
          --config.mesh.fsdp=-1 (base on v5p:4x4x4: 37% against 30%).
          v6e (32 GiB HBM): FSDP over every chip (the state is spread, not copied) and remat
          'dots' (keep matmul outputs, recompute the rest).
-         Attention runs the splash kernel (the cost model gives it 1.0 ms a layer against
-         2.75 ms for 'xla' at the base shapes: benchmarks/tpu_attention_cost.py).
 Layer scan stays off: it shortens compilation, not the step (a scanned step is a loop whose
 weights are sliced each layer).
 """

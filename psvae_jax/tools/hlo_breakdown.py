@@ -297,16 +297,19 @@ def breakdown(hlo_text: str, *, peak_flops: float = 0.0,
   comms: dict[str, float] = collections.Counter()
   fusion_flops: dict[str, float] = {}  # fused computation -> its FLOPs, nested fusions included
 
+  def instruction_flops(line: str) -> float:
+    """A dot's or convolution's FLOPs, or a fusion's (those of the computations it calls)."""
+    _, shape_text, op = _DEF.match(line).groups()
+    if op in ("dot", "convolution"):
+      return _flops(op, _dims(shape_text), line, module.dims)
+    if op == "fusion":
+      return sum(flops_of(c) for c, kind in module._called(line) if kind == "calls")
+    return 0.0
+
   def flops_of(comp: str) -> float:
     if comp not in fusion_flops:
-      total = 0.0
-      for line in module.computations.get(comp, []):
-        _, shape_text, op = _DEF.match(line).groups()
-        if op in ("dot", "convolution"):
-          total += _flops(op, _dims(shape_text), line, module.dims)
-        elif op == "fusion":
-          total += sum(flops_of(c) for c, kind in module._called(line) if kind == "calls")
-      fusion_flops[comp] = total
+      fusion_flops[comp] = sum(instruction_flops(line)
+                               for line in module.computations.get(comp, []))
     return fusion_flops[comp]
 
   once = in_loops = 0.0
@@ -334,11 +337,8 @@ def breakdown(hlo_text: str, *, peak_flops: float = 0.0,
       moved = 2 * read if op.endswith("-start") else _nbytes(shape_text) + read
       traffic[source] += moved * times
       if peak_flops and hbm_bytes_per_s and op.removesuffix("-start") not in COLLECTIVES:
-        work = (sum(flops_of(c) for c, kind in module._called(line) if kind == "calls")
-                if op == "fusion" else
-                _flops(op, _dims(shape_text), line, module.dims)
-                if op in ("dot", "convolution") else 0.0)
-        seconds[source] += max(work / peak_flops, moved / hbm_bytes_per_s) * times
+        seconds[source] += max(instruction_flops(line) / peak_flops,
+                               moved / hbm_bytes_per_s) * times
   result = {"flops": dict(flops), "bytes": dict(traffic), "collective_bytes": dict(comms),
             "loops": {"count": sum(1 for ls in module.computations.values() for line in ls
                                    if " while(" in line),
